@@ -1,0 +1,160 @@
+"""ONNX graph work: load and validate a model, list its probe-able tensors, expose them as outputs.
+
+Never mutates the caller's model: exposing outputs works on a copy.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper
+
+from probecore.errors import ModelError
+from probecore.source import LayerInfo
+
+ACTIVATION_OPS = {
+    "Relu", "LeakyRelu", "PRelu", "Elu", "Selu", "Celu", "Sigmoid", "Tanh", "Gelu", "Softplus", "Softsign",
+    "HardSigmoid", "HardSwish", "Mish", "ThresholdedRelu", "Clip",
+}  # fmt: skip
+POOL_OPS = {"MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "LpPool", "GlobalLpPool"}
+# Ops whose outputs are worth offering even when shape inference could not type them.
+LAYER_OPS = ACTIVATION_OPS | POOL_OPS | {
+    "Conv", "ConvTranspose", "Gemm", "MatMul", "Add", "Mul", "BatchNormalization", "LayerNormalization",
+    "InstanceNormalization", "Flatten", "Concat", "Softmax", "Dropout", "Identity",
+}  # fmt: skip
+FLOAT_TYPES = {TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE, TensorProto.BFLOAT16}
+
+
+def load_model(path: str | Path) -> onnx.ModelProto:
+    """Read, check and shape-infer an ONNX file, or raise ``ModelError`` saying what is wrong with it."""
+    path = Path(path)
+    if not path.is_file():
+        raise ModelError(f"model file not found: {path}; pass the path of an .onnx file")
+    try:
+        model = onnx.load(str(path))
+    except Exception:
+        model = None
+    if model is None or not model.graph.node:
+        raise ModelError(
+            f"{path} is not an ONNX model (it does not parse as one); export it with torch.onnx.export or tf2onnx"
+        )
+    try:
+        onnx.checker.check_model(str(path))
+    except Exception as exc:
+        raise ModelError(f"{path} is not a valid ONNX model: {_first_line(exc)}; re-export it") from None
+    try:
+        return onnx.shape_inference.infer_shapes(model, data_prop=True)
+    except Exception:
+        return model  # shapes are then learned from the first batch
+
+
+def model_input(model: onnx.ModelProto) -> onnx.ValueInfoProto:
+    """The model's one real input (initializers listed as inputs by old exporters do not count)."""
+    initializers = {init.name for init in model.graph.initializer}
+    inputs = [value for value in model.graph.input if value.name not in initializers]
+    if len(inputs) != 1:
+        names = ", ".join(value.name for value in inputs) or "none"
+        raise ModelError(f"the model has {len(inputs)} inputs ({names}); probecore feeds models with exactly one input")
+    return inputs[0]
+
+
+def tensor_dims(value: onnx.ValueInfoProto) -> tuple[int | str | None, ...] | None:
+    """Each dimension as its size, its symbolic name, or None; None for a tensor of unknown rank."""
+    tensor_type = value.type.tensor_type
+    if not tensor_type.HasField("shape"):
+        return None
+    dims = []
+    for dim in tensor_type.shape.dim:
+        if dim.HasField("dim_value"):
+            dims.append(dim.dim_value)
+        elif dim.HasField("dim_param"):
+            dims.append(dim.dim_param)
+        else:
+            dims.append(None)
+    return tuple(dims)
+
+
+def numpy_dtype(value: onnx.ValueInfoProto) -> np.dtype:
+    return np.dtype(helper.tensor_dtype_to_np_dtype(value.type.tensor_type.elem_type))
+
+
+def candidate_layers(model: onnx.ModelProto) -> list[LayerInfo]:
+    """Every float tensor with the input's batch axis, in graph order, marking the ones a person calls layers.
+
+    Default picks: the input, activation and pooling outputs, residual additions (``Add`` of two computed
+    tensors), swish (``x * sigmoid(x)``), and the model's outputs.
+    """
+    graph = model.graph
+    source = model_input(model)
+    batch_dim = (tensor_dims(source) or (None,))[0]
+    typed = {value.name: value for value in [*graph.value_info, *graph.output]}
+    constants = {init.name for init in graph.initializer}
+    constants |= {out for node in graph.node if node.op_type == "Constant" for out in node.output}
+    producer = {out: node for node in graph.node for out in node.output}
+    outputs = {value.name for value in graph.output}
+
+    layers = []
+    input_dims = tensor_dims(source)
+    if numpy_dtype(source).kind == "f" and input_dims and len(input_dims) >= 2:
+        layers.append(LayerInfo(source.name, "Input", _sample_shape(input_dims), default=True))
+    for node in graph.node:
+        for name in node.output:
+            if not name or name in constants:
+                continue
+            value = typed.get(name)
+            if value is None:
+                if node.op_type not in LAYER_OPS:
+                    continue
+                shape = None
+            else:
+                dims = tensor_dims(value)
+                if value.type.tensor_type.elem_type not in FLOAT_TYPES or dims is None or len(dims) < 2:
+                    continue
+                if not _is_batch_dim(dims[0], batch_dim):
+                    continue
+                shape = _sample_shape(dims)
+            default = name in outputs or _looks_like_layer(node, constants, producer)
+            layers.append(LayerInfo(name, node.op_type, shape, default=default, is_output=name in outputs))
+    return layers
+
+
+def with_outputs(model: onnx.ModelProto, names: list[str]) -> bytes:
+    """A serialized copy of ``model`` whose graph outputs also include ``names``."""
+    exposed = onnx.ModelProto()
+    exposed.CopyFrom(model)
+    present = {value.name for value in exposed.graph.output}
+    typed = {value.name: value for value in exposed.graph.value_info}
+    for name in names:
+        if name in present:
+            continue
+        exposed.graph.output.append(typed.get(name) or onnx.ValueInfoProto(name=name))
+    return exposed.SerializeToString()
+
+
+def _looks_like_layer(node: onnx.NodeProto, constants: set[str], producer: dict) -> bool:
+    if node.op_type in ACTIVATION_OPS or node.op_type in POOL_OPS:
+        return True
+    if node.op_type == "Add":
+        return len(node.input) == 2 and not any(name in constants for name in node.input)
+    if node.op_type == "Mul" and len(node.input) == 2:
+        first, second = node.input
+        for gate, other in ((first, second), (second, first)):
+            gate_node = producer.get(gate)
+            if gate_node is not None and gate_node.op_type == "Sigmoid" and gate_node.input[0] == other:
+                return True
+    return False
+
+
+def _is_batch_dim(dim, batch_dim) -> bool:
+    return dim is None or batch_dim is None or dim == batch_dim or (isinstance(dim, str) and isinstance(batch_dim, str))
+
+
+def _sample_shape(dims) -> tuple[int | None, ...]:
+    return tuple(d if isinstance(d, int) and d > 0 else None for d in dims[1:])
+
+
+def _first_line(exc: Exception) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__

@@ -1,0 +1,131 @@
+"""An ``ActivationSource`` for ONNX files: onnxruntime runs the model with the probed tensors exposed.
+
+CUDA is used when onnxruntime can really create a CUDA session here; otherwise the CPU, quietly.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from probecore.errors import DataError, ModelError
+from probecore.source import LayerInfo
+
+from . import onnx_graph
+
+DEVICES = ("auto", "cpu", "cuda")
+CUDA = "CUDAExecutionProvider"
+CPU = "CPUExecutionProvider"
+
+
+class OnnxSource:
+    """Activations of an ONNX model's tensors, computed by onnxruntime in batches."""
+
+    def __init__(self, path: str | Path, device: str = "auto"):
+        if device not in DEVICES:
+            raise ModelError(f"device must be one of {', '.join(DEVICES)}, got {device!r}")
+        self.path = Path(path)
+        self.device = device
+        self.model = onnx_graph.load_model(self.path)
+        self._input = onnx_graph.model_input(self.model)
+        self._input_dims = onnx_graph.tensor_dims(self._input)
+        self._layers = onnx_graph.candidate_layers(self.model)
+        self._session = None
+        self._session_outputs: tuple[str, ...] | None = None
+        self.provider: str | None = None
+
+    @property
+    def input_name(self) -> str:
+        return self._input.name
+
+    def layers(self) -> list[LayerInfo]:
+        return list(self._layers)
+
+    def check_inputs(self, x: np.ndarray) -> np.ndarray:
+        x = np.asarray(x)
+        expected = onnx_graph.numpy_dtype(self._input)
+        if x.dtype != expected:
+            castable = x.dtype.kind in "iub" and expected.kind in "iuf" or x.dtype.kind == expected.kind == "f"
+            if not castable:
+                raise DataError(f"inputs have dtype {x.dtype}, but model input {self.input_name!r} takes {expected}")
+            x = x.astype(expected)
+        if self._input_dims is not None:
+            want = self._input_dims[1:]
+            fits = x.ndim == len(self._input_dims) and all(
+                not isinstance(w, int) or w <= 0 or w == got for w, got in zip(want, x.shape[1:])
+            )
+            if not fits:
+                shown = ", ".join(str(w) if isinstance(w, int) and w > 0 else "?" for w in want)
+                raise DataError(
+                    f"inputs have per-sample shape {tuple(x.shape[1:])}, but model input {self.input_name!r} "
+                    f"expects ({shown}); reshape the data to fit"
+                )
+        if x.dtype.kind == "f" and not np.isfinite(x).all():
+            bad = int((~np.isfinite(x.reshape(len(x), -1))).any(axis=1).sum())
+            raise DataError(f"{bad} input samples contain NaN or Inf; remove or fix them")
+        return x
+
+    def activations(self, x: np.ndarray, layer_names: Sequence[str], batch_size: int) -> Iterator[dict[str, np.ndarray]]:
+        computed = [name for name in layer_names if name != self.input_name]
+        session = self._session_for(computed)
+        fixed_batch = self._input_dims[0] if self._input_dims and isinstance(self._input_dims[0], int) else 0
+        step = fixed_batch if fixed_batch > 0 else batch_size
+        for start in range(0, len(x), step):
+            chunk = x[start : start + step]
+            fed = chunk
+            if fixed_batch > 0 and len(chunk) < fixed_batch:  # a model exported with a fixed batch size
+                fed = np.concatenate([chunk, np.repeat(chunk[-1:], fixed_batch - len(chunk), axis=0)])
+            try:
+                values = session.run(computed, {self.input_name: fed}) if computed else []
+            except Exception as exc:
+                raise ModelError(
+                    f"onnxruntime failed on samples {start}..{start + len(chunk) - 1}: {onnx_graph._first_line(exc)}"
+                ) from None
+            batch = {name: value[: len(chunk)] for name, value in zip(computed, values)}
+            if self.input_name in layer_names:
+                batch[self.input_name] = chunk
+            yield batch
+
+    def describe(self) -> dict:
+        return {
+            "model": str(self.path),
+            "model_sha256": hashlib.sha256(self.path.read_bytes()).hexdigest(),
+            "input": self.input_name,
+            "device": self.device,
+            "provider": self.provider,
+        }
+
+    def _session_for(self, outputs: list[str]):
+        key = tuple(sorted(outputs))
+        if self._session is None or self._session_outputs != key:
+            self._session, self.provider = create_session(onnx_graph.with_outputs(self.model, outputs), self.device)
+            self._session_outputs = key
+        return self._session
+
+
+def create_session(model_bytes: bytes, device: str = "auto"):
+    """An onnxruntime session on CUDA when asked for (or ``auto``) and it really works, else on the CPU."""
+    import onnxruntime as ort
+
+    ort.set_default_logger_severity(4)  # a missing CUDA library is expected, not worth a screen of errors
+    options = ort.SessionOptions()
+    options.log_severity_level = 4
+    if device in ("auto", "cuda") and CUDA in ort.get_available_providers():
+        try:
+            session = ort.InferenceSession(model_bytes, options, providers=[CUDA, CPU])
+            if session.get_providers()[0] == CUDA:
+                return session, CUDA
+        except Exception:
+            pass
+    if device == "cuda":
+        raise ModelError(
+            "--device cuda was asked for, but onnxruntime cannot use CUDA here (needs onnxruntime-gpu, an NVIDIA "
+            "driver, CUDA 12 and cuDNN 9); use --device auto or cpu"
+        )
+    try:
+        return ort.InferenceSession(model_bytes, options, providers=[CPU]), CPU
+    except Exception as exc:
+        raise ModelError(f"onnxruntime cannot run this model: {onnx_graph._first_line(exc)}") from None

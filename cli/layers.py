@@ -1,0 +1,51 @@
+"""``probe layers``: the probe-able tensors of an ONNX model."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+from rich.table import Table
+
+from .output import console, user_errors
+
+
+def layers_command(
+    model: Path = typer.Argument(..., help="The ONNX model file."),
+    all_layers: bool = typer.Option(
+        False, "--all", help="List every probe-able tensor, not only the default layers (activations, blocks)."
+    ),
+    as_json: bool = typer.Option(False, "--json", help="Print a JSON list instead of a table."),
+) -> None:
+    """List the tensors that can be probed: name, op type, per-sample shape and feature count.
+
+    Example: probe layers model.onnx --all
+    """
+    with user_errors():
+        from probecore.backends.onnx_source import OnnxSource
+
+        layers = OnnxSource(model).layers()
+    shown = layers if all_layers else [layer for layer in layers if layer.default]
+    if as_json:
+        rows = [
+            {"name": layer.name, "op_type": layer.op_type, "shape": _shape(layer.shape), "features": layer.n_features,
+             "default": layer.default, "output": layer.is_output}
+            for layer in shown
+        ]  # fmt: skip
+        print(json.dumps(rows, indent=2))
+        return
+    table = Table(title=f"{'All probe-able tensors' if all_layers else 'Default layers'} of {model.name}")
+    for column in ("layer", "op", "shape", "features", "default"):
+        table.add_column(column, justify="right" if column == "features" else "left")
+    for layer in shown:
+        shape = "x".join("?" if d is None else str(d) for d in _shape(layer.shape) or ["?"])
+        features = "?" if layer.n_features is None else str(layer.n_features)
+        table.add_row(layer.name, layer.op_type, shape, features, "yes" if layer.default else "")
+    console.print(table)
+    if not all_layers and len(shown) < len(layers):
+        console.print(f"{len(layers) - len(shown)} more with --all")
+
+
+def _shape(shape):
+    return None if shape is None else list(shape)

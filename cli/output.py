@@ -1,0 +1,99 @@
+"""Everything the CLI prints: user errors as one line, progress bars, and the per-layer table."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+from probecore.errors import ProbeError
+from probecore.report import ProbeReport
+
+DEBUG_VARIABLE = "PROBECORE_DEBUG"
+# Piped output is read by people too (logs, CI): give tables room instead of rich's 80-column default.
+console = Console() if sys.stdout.isatty() else Console(width=160)
+error_console = Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+@contextlib.contextmanager
+def user_errors():
+    """Turn a ``ProbeError`` into one line on stderr and exit code 1 (a traceback with PROBECORE_DEBUG=1)."""
+    try:
+        yield
+    except ProbeError as exc:
+        if os.environ.get(DEBUG_VARIABLE):
+            raise
+        error_console.print(f"error: {exc}", markup=False)
+        raise typer.Exit(1) from None
+    except KeyboardInterrupt:
+        error_console.print("interrupted; nothing was written", markup=False)
+        raise typer.Exit(130) from None
+
+
+@contextlib.contextmanager
+def progress_bars(quiet: bool):
+    """A ``progress(stage, done, total, detail)`` callback drawing rich bars, silent when quiet or not a TTY."""
+    if quiet or not sys.stdout.isatty():
+        yield None
+        return
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=console, transient=True) as bars:
+        tasks = {}
+
+        def progress(stage: str, done: int, total: int, detail: str) -> None:
+            if stage not in tasks:
+                label = "extracting activations" if stage == "extract" else "fitting probes"
+                tasks[stage] = bars.add_task(label, total=total)
+            suffix = f" [{detail}]" if detail else ""
+            label = ("extracting activations" if stage == "extract" else "fitting probes") + suffix
+            bars.update(tasks[stage], completed=done, total=total, description=label)
+
+        yield progress
+
+
+def _percent(value: float | None) -> str:
+    return "" if value is None else f"{100 * value:.1f}"
+
+
+def _loss(value: float | None) -> str:
+    return "" if value is None else f"{value:.3f}"
+
+
+def report_table(report: ProbeReport) -> Table:
+    """Layer, shape, features, reduction, and loss / error per split; the best test error in bold."""
+    has_top5 = any(layer.metrics["test"].top5_error is not None for layer in report.layers)
+    table = Table(title="Linear probe per layer", title_justify="left")
+    for column in ("layer", "op", "shape", "features", "reduction"):
+        table.add_column(column, overflow="fold")
+    table.add_column("loss train/valid/test", justify="right")
+    table.add_column("error % train/valid/test", justify="right")
+    if has_top5:
+        table.add_column("top-5 err % test", justify="right")
+    best = min(layer.metrics["test"].error for layer in report.layers)
+    for layer in report.layers:
+        metrics = [layer.metrics[split] for split in ("train", "valid", "test")]
+        row = [layer.name, layer.op_type, "x".join(map(str, layer.shape)), str(layer.n_features)]
+        row.append(layer.reduction["description"])
+        row.append(" / ".join(_loss(m.loss) for m in metrics))
+        row.append(" / ".join(_percent(m.error) for m in metrics))
+        if has_top5:
+            row.append(_percent(layer.metrics["test"].top5_error))
+        table.add_row(*row, style="bold" if layer.metrics["test"].error == best else None)
+    return table
+
+
+def print_summary(report: ProbeReport) -> None:
+    console.print(report_table(report))
+    sizes = ", ".join(f"{name} {size}" for name, size in report.split_sizes.items())
+    provider = report.settings.get("source", {}).get("provider")
+    line = f"{len(report.layers)} layers, {len(report.classes)} classes, samples: {sizes}"
+    if provider:
+        line += f", onnxruntime provider: {provider}"
+    console.print(line)
+    if report.model_test is not None:
+        console.print(f"model's own test error ({report.model_output}): {_percent(report.model_test.error)}%")

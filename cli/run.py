@@ -1,0 +1,77 @@
+"""``probe run`` and ``probe demo``: probe every chosen layer and write report.json and probes.csv."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from .output import console, print_summary, progress_bars, user_errors
+
+
+def run_command(
+    model: Path = typer.Argument(..., help="The ONNX model file."),
+    data: Path = typer.Option(
+        ..., "--data", help="A .npz file with x_train, y_train, x_test, y_test (x_valid, y_valid optional), or x, y."
+    ),
+    out: Path = typer.Option(Path("results"), "--out", help="Directory for report.json and probes.csv."),
+    layers: str = typer.Option(
+        None, "--layers", help="Comma-separated names, globs or op types, e.g. 'relu*,logits' or 'op:Relu,Add'. "
+        "Default: the input, activations, pooling, residual additions and outputs.",
+    ),
+    max_features: int = typer.Option(4096, help="Reduce layers with more features than this (pool, then subset)."),
+    pool: str = typer.Option("avg", help="Pooling for spatial and sequence tensors: avg or max."),
+    global_pool: bool = typer.Option(False, "--global-pool", help="Pool each feature map to one value per channel."),
+    channels_last: bool = typer.Option(False, "--channels-last", help="Read rank-4 tensors as (N, H, W, C)."),
+    no_reduce: bool = typer.Option(False, "--no-reduce", help="Probe every layer at full size."),
+    l2: float = typer.Option(1e-3, help="L2 strength on the probe weights (next to the mean cross-entropy)."),
+    batch_size: int = typer.Option(256, min=1, help="Samples per forward pass."),
+    seed: int = typer.Option(0, help="Seed for the data split and the random feature subsets."),
+    valid_fraction: float = typer.Option(0.1, help="Share of the samples held out for early stopping (x/y data)."),
+    test_fraction: float = typer.Option(0.2, help="Share of the samples held out for testing (x/y data)."),
+    device: str = typer.Option("auto", help="auto (CUDA when it works), cpu, or cuda."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars and no table."),
+    as_json: bool = typer.Option(False, "--json", help="Print report.json to stdout instead of the table."),
+) -> None:
+    """Fit a linear probe on every chosen layer of MODEL and report its loss and error per split.
+
+    Example: probe run model.onnx --data data.npz --out results/ --layers 'op:Relu,Add'
+    """
+    with user_errors():
+        import probecore
+        from probecore.backends.onnx_source import OnnxSource
+
+        policy = probecore.ReductionPolicy(
+            max_features=max_features, pool=pool, global_pool=global_pool, channels_last=channels_last,
+            enabled=not no_reduce, seed=seed,
+        )  # fmt: skip
+        fit = probecore.FitOptions(l2=l2)
+        source = OnnxSource(model, device=device)
+        dataset = probecore.load_dataset(data, valid_fraction, test_fraction, seed)
+        entries = probecore.parse_layer_spec(layers) if layers else None
+        with progress_bars(quiet or as_json) as progress:
+            report = probecore.run_probes(source, dataset, entries, policy, fit, batch_size, progress)
+        report.settings.update({"data": str(data), "seed": seed})
+        report.write(out)
+    if as_json:
+        print(report.to_json())
+    elif not quiet:
+        print_summary(report)
+        console.print(f"wrote {out / 'report.json'} and {out / 'probes.csv'}")
+
+
+def demo_command(
+    out: Path = typer.Option(Path("probe-demo"), "--out", help="Directory for report.json and probes.csv."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars and no table."),
+) -> None:
+    """Probe the bundled MNIST convnet (the paper's Figure 2 model) on 5 000 bundled MNIST digits.
+
+    Needs no download: the model and the digits ship inside the package.
+    """
+    from probecore.bundled import DEMO_DATA, DEMO_MODEL
+
+    run_command(
+        DEMO_MODEL, DEMO_DATA, out, layers=None, max_features=4096, pool="avg", global_pool=False,
+        channels_last=False, no_reduce=False, l2=1e-3, batch_size=256, seed=0, valid_fraction=0.1,
+        test_fraction=0.2, device="auto", quiet=quiet, as_json=False,
+    )  # fmt: skip

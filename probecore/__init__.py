@@ -1,0 +1,52 @@
+"""probecore: at which layer does the information you care about become linearly readable?
+
+Linear softmax probes (Alain & Bengio, 2016) fitted on the frozen activations of every layer. The core is
+numpy in, numpy out; models come in through an ``ActivationSource`` (``probecore.backends.onnx_source`` for
+ONNX files, ``ArraySource`` for activations you already have).
+
+    import probecore
+    from probecore.backends.onnx_source import OnnxSource
+
+    dataset = probecore.load_dataset("data.npz")
+    report = probecore.run_probes(OnnxSource("model.onnx"), dataset)
+    report.write("results/")
+"""
+
+from .datasets import Dataset, Split, load_dataset, split_dataset
+from .errors import DataError, LayerSelectionError, ModelError, ProbeError, ReductionError
+from .layers import parse_layer_spec, select_layers
+from .pipeline import run_probes
+from .probe import FitOptions, Probe, fit_probe
+from .reduction import Reduction, ReductionPolicy, plan_reduction
+from .report import LayerResult, ProbeReport
+from .softmax import SplitMetrics
+from .source import ActivationSource, ArraySource, LayerInfo
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ActivationSource",
+    "ArraySource",
+    "DataError",
+    "Dataset",
+    "FitOptions",
+    "LayerInfo",
+    "LayerResult",
+    "LayerSelectionError",
+    "ModelError",
+    "Probe",
+    "ProbeError",
+    "ProbeReport",
+    "Reduction",
+    "ReductionError",
+    "ReductionPolicy",
+    "Split",
+    "SplitMetrics",
+    "fit_probe",
+    "load_dataset",
+    "parse_layer_spec",
+    "plan_reduction",
+    "run_probes",
+    "select_layers",
+    "split_dataset",
+]

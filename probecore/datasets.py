@@ -1,0 +1,168 @@
+"""Labelled inputs split three ways, from a .npz file or from arrays.
+
+A data file holds either ready splits (``x_train``/``y_train``, ``x_valid``/``y_valid``, ``x_test``/
+``y_test``; the valid pair may be left out) or one pool ``x``/``y`` that is split here, stratified by label
+and seeded, so every run with the same seed sees the same samples.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .errors import DataError
+
+SPLITS = ("train", "valid", "test")
+
+
+@dataclass
+class Split:
+    """Inputs ``x`` (N, ...) and their encoded labels ``y`` (N,) int64, positions in ``Dataset.classes``."""
+
+    x: np.ndarray
+    y: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+
+@dataclass
+class Dataset:
+    """Train, valid and test splits sharing one label encoding."""
+
+    train: Split
+    valid: Split
+    test: Split
+    classes: np.ndarray  # the original label values, sorted; labels are encoded as positions in it
+
+    def splits(self) -> dict[str, Split]:
+        return {"train": self.train, "valid": self.valid, "test": self.test}
+
+
+def load_dataset(path: str | Path, valid_fraction: float = 0.1, test_fraction: float = 0.2, seed: int = 0) -> Dataset:
+    """Read a .npz data file (see the module docstring for its keys)."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"data file not found: {path}; pass an existing .npz file with --data")
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            arrays = {key: archive[key] for key in archive.files}
+    except Exception as exc:  # numpy raises several types for a file that is not an npz archive
+        raise DataError(f"{path} is not a readable .npz file ({exc}); save it with numpy.savez") from None
+    keys = set(arrays)
+    split_keys = {f"{axis}_{name}" for axis in "xy" for name in ("train", "test")}
+    if split_keys <= keys:
+        if ("x_valid" in keys) != ("y_valid" in keys):
+            raise DataError(f"{path} has only one of x_valid and y_valid; add the other or drop both")
+        xs = {name: arrays.get(f"x_{name}") for name in SPLITS}
+        ys = {name: arrays.get(f"y_{name}") for name in SPLITS}
+        for name in SPLITS:
+            if xs[name] is not None:
+                _check_pair(xs[name], ys[name], f"{path}: x_{name}/y_{name}")
+        return dataset_from_splits(xs, ys, valid_fraction, seed)
+    if {"x", "y"} <= keys:
+        return split_dataset(arrays["x"], arrays["y"], valid_fraction, test_fraction, seed, where=str(path))
+    found = ", ".join(sorted(keys)) or "none"
+    raise DataError(
+        f"{path} needs keys x_train, y_train, x_test, y_test (x_valid, y_valid optional) or x, y; "
+        f"found: {found}"
+    )
+
+
+def split_dataset(
+    x: np.ndarray, y: np.ndarray, valid_fraction: float = 0.1, test_fraction: float = 0.2, seed: int = 0,
+    where: str = "data",
+) -> Dataset:
+    """Split one labelled pool into train/valid/test, stratified by label, reproducibly from ``seed``."""
+    if not (0 < valid_fraction < 1 and 0 < test_fraction < 1 and valid_fraction + test_fraction < 1):
+        raise DataError(
+            f"valid and test fractions must be in (0, 1) and sum below 1, got {valid_fraction} and {test_fraction}"
+        )
+    _check_pair(x, y, where)
+    classes, codes = _encode(y, where)
+    test_rows, valid_rows, train_rows = _stratified_rows(codes, [test_fraction, valid_fraction], seed)
+    splits = {}
+    for name, rows in (("train", train_rows), ("valid", valid_rows), ("test", test_rows)):
+        if len(rows) == 0:
+            raise DataError(f"{where}: the {name} split is empty; provide more samples or a larger {name} fraction")
+        splits[name] = Split(x[rows], codes[rows])
+    return Dataset(splits["train"], splits["valid"], splits["test"], classes)
+
+
+def dataset_from_splits(xs: dict, ys: dict, valid_fraction: float = 0.1, seed: int = 0) -> Dataset:
+    """Build a Dataset from given splits; a missing valid split is carved out of train (stratified)."""
+    present = [name for name in SPLITS if xs.get(name) is not None]
+    classes, _ = _encode(np.concatenate([np.asarray(ys[name]) for name in present]), "labels")
+    splits = {name: Split(np.asarray(xs[name]), _codes(ys[name], classes)) for name in present}
+    if "valid" not in splits:
+        train = splits["train"]
+        valid_rows, train_rows = _stratified_rows(train.y, [valid_fraction], seed)
+        splits["train"] = Split(train.x[train_rows], train.y[train_rows])
+        splits["valid"] = Split(train.x[valid_rows], train.y[valid_rows])
+    for name in SPLITS:
+        if len(splits[name]) == 0:
+            raise DataError(f"the {name} split is empty; every split needs samples")
+    if len(np.unique(splits["train"].y)) < 2:
+        raise DataError("the train split has a single class; a probe needs at least two classes to separate")
+    return Dataset(splits["train"], splits["valid"], splits["test"], classes)
+
+
+def _stratified_rows(codes: np.ndarray, fractions: list[float], seed: int) -> list[np.ndarray]:
+    """Sorted row indices for each fraction of every class, then the rest, drawn reproducibly from ``seed``."""
+    rng = np.random.default_rng(seed)
+    parts = [[] for _ in range(len(fractions) + 1)]
+    for code in np.unique(codes):
+        members = rng.permutation(np.flatnonzero(codes == code))
+        start = 0
+        for part, fraction in zip(parts, fractions):
+            stop = start + int(round(len(members) * fraction))
+            part.append(members[start:stop])
+            start = stop
+        parts[-1].append(members[start:])
+    return [np.sort(np.concatenate(part)) for part in parts]
+
+
+def fingerprint(*arrays: np.ndarray) -> str:
+    """A sha256 over array shapes, dtypes and bytes, to record exactly which data a run used."""
+    digest = hashlib.sha256()
+    for array in arrays:
+        array = np.ascontiguousarray(array)
+        digest.update(f"{array.dtype.str}{array.shape}".encode())
+        digest.update(array.data)
+    return digest.hexdigest()
+
+
+def _check_pair(x: np.ndarray, y: np.ndarray, where: str) -> None:
+    y = np.asarray(y)
+    if y.ndim != 1:
+        raise DataError(f"{where}: labels must be one-dimensional (one label per sample), got shape {y.shape}")
+    if np.ndim(x) < 1 or len(x) != len(y):
+        raise DataError(
+            f"{where}: {len(x) if np.ndim(x) else 0} samples but {len(y)} labels; give one label per sample"
+        )
+    if len(y) == 0:
+        raise DataError(f"{where}: no samples; the data set is empty")
+
+
+def _encode(labels: np.ndarray, where: str) -> tuple[np.ndarray, np.ndarray]:
+    labels = np.asarray(labels)
+    if labels.dtype.kind == "f":
+        if not np.all(np.isfinite(labels)) or not np.all(labels == np.round(labels)):
+            raise DataError(f"{where}: labels are non-integer floats; use integer or string class labels")
+        labels = labels.astype(np.int64)
+    elif labels.dtype.kind not in "iubUS":
+        raise DataError(f"{where}: labels have dtype {labels.dtype}; use integer or string class labels")
+    classes, codes = np.unique(labels, return_inverse=True)
+    if len(classes) < 2:
+        raise DataError(f"{where}: all labels are {classes[0]!r}; a probe needs at least two classes")
+    return classes, codes.astype(np.int64)
+
+
+def _codes(labels: np.ndarray, classes: np.ndarray) -> np.ndarray:
+    labels = np.asarray(labels)
+    if labels.dtype.kind == "f":
+        labels = labels.astype(np.int64)
+    return np.searchsorted(classes, labels).astype(np.int64)

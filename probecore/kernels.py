@@ -1,0 +1,99 @@
+"""numba kernels for the per-batch feature reductions.
+
+Short explicit loops, compiled once (``cache=True``) and parallel over samples. Input checking lives in
+``reduction.py``; these assume well-formed arrays. ``tests/reference.py`` holds the slow obvious versions
+they are tested against.
+"""
+
+import numba
+import numpy as np
+
+
+@numba.njit(parallel=True, cache=True)
+def pool2d(maps, window, use_max, out):
+    """Pool (N, C, H, W) maps (any strides) in non-overlapping window x window tiles into ``out``.
+
+    ``out`` is (N, C, ceil(H / window), ceil(W / window)); edge tiles cover what is left of the map
+    (ONNX ``ceil_mode=1``, padding not counted), so ``window >= max(H, W)`` is global pooling.
+    """
+    n_samples, n_channels, height, width = maps.shape
+    out_h, out_w = out.shape[2], out.shape[3]
+    for sample_channel in numba.prange(n_samples * n_channels):
+        n = sample_channel // n_channels
+        c = sample_channel % n_channels
+        for i in range(out_h):
+            h0 = i * window
+            h1 = min(h0 + window, height)
+            for j in range(out_w):
+                w0 = j * window
+                w1 = min(w0 + window, width)
+                if use_max:
+                    best = -np.inf
+                    for h in range(h0, h1):
+                        for w in range(w0, w1):
+                            value = np.float64(maps[n, c, h, w])
+                            if value > best or value != value:  # NaN propagates, as in ONNX MaxPool
+                                best = value
+                    out[n, c, i, j] = best
+                else:
+                    total = 0.0
+                    for h in range(h0, h1):
+                        for w in range(w0, w1):
+                            total += maps[n, c, h, w]
+                    out[n, c, i, j] = total / ((h1 - h0) * (w1 - w0))
+
+
+@numba.njit(parallel=True, cache=True)
+def pool2d_channels_last(maps, window, use_max, out):
+    """``pool2d`` for (N, H, W, C) maps, reading channels contiguously; ``out`` is (N, C, out_h, out_w)."""
+    n_samples, height, width, n_channels = maps.shape
+    out_h, out_w = out.shape[2], out.shape[3]
+    for sample_tile in numba.prange(n_samples * out_h):
+        n = sample_tile // out_h
+        i = sample_tile % out_h
+        h0 = i * window
+        h1 = min(h0 + window, height)
+        acc = np.empty(n_channels, dtype=np.float64)
+        for j in range(out_w):
+            w0 = j * window
+            w1 = min(w0 + window, width)
+            acc[:] = -np.inf if use_max else 0.0
+            for h in range(h0, h1):
+                for w in range(w0, w1):
+                    for c in range(n_channels):
+                        value = np.float64(maps[n, h, w, c])
+                        if use_max:
+                            if value > acc[c] or value != value:
+                                acc[c] = value
+                        else:
+                            acc[c] += value
+            scale = 1.0 if use_max else 1.0 / ((h1 - h0) * (w1 - w0))
+            for c in range(n_channels):
+                out[n, c, i, j] = acc[c] * scale
+
+
+@numba.njit(parallel=True, cache=True)
+def pool_sequence(seq, use_max, out):
+    """Mean or max of (N, T, D) sequences over T into ``out`` (N, D)."""
+    n_samples, length, width = seq.shape
+    for n in numba.prange(n_samples):
+        acc = np.full(width, -np.inf if use_max else 0.0)
+        for t in range(length):
+            for d in range(width):
+                value = np.float64(seq[n, t, d])
+                if use_max:
+                    if value > acc[d] or value != value:
+                        acc[d] = value
+                else:
+                    acc[d] += value
+        scale = 1.0 if use_max else 1.0 / length
+        for d in range(width):
+            out[n, d] = acc[d] * scale
+
+
+@numba.njit(parallel=True, cache=True)
+def gather_columns(rows, columns, out):
+    """Copy ``rows[:, columns]`` of an (N, F) array into ``out`` (N, K): the fixed random subset."""
+    for n in numba.prange(rows.shape[0]):
+        for k in range(columns.shape[0]):
+            out[n, k] = rows[n, columns[k]]

@@ -1,0 +1,138 @@
+"""The whole probing run on any activation source: extract and reduce batch by batch, then fit per layer."""
+
+from __future__ import annotations
+
+import platform
+import time
+from collections.abc import Callable, Sequence
+from importlib import metadata
+
+import numpy as np
+
+from .datasets import Dataset
+from .layers import select_layers
+from .probe import FitOptions, fit_probe
+from .reduction import Reduction, ReductionPolicy, plan_reduction
+from .report import LayerResult, ProbeReport
+from .softmax import SplitMetrics
+from .source import ActivationSource, LayerInfo
+
+# progress(stage, completed, total, detail): stage is "extract" (samples) or "fit" (layers).
+ProgressCallback = Callable[[str, int, int, str], None]
+RECORDED_PACKAGES = ("probecore", "numpy", "scipy", "numba", "onnx", "onnxruntime", "onnxruntime-gpu")
+
+
+def run_probes(
+    source: ActivationSource,
+    dataset: Dataset,
+    layers: Sequence[str] | None = None,
+    policy: ReductionPolicy = ReductionPolicy(),
+    fit: FitOptions = FitOptions(),
+    batch_size: int = 256,
+    progress: ProgressCallback | None = None,
+) -> ProbeReport:
+    """Fit one probe per chosen layer of ``source`` on ``dataset`` and measure it on every split.
+
+    ``layers`` takes entries as ``select_layers`` does (names, globs, ``op:Type``); None probes the source's
+    default layers. Activations are reduced as they arrive, so only reduced features are ever held whole.
+    """
+    started = time.perf_counter()
+    progress = progress or (lambda *args: None)
+    available = source.layers()
+    chosen = select_layers(available, layers)
+    inputs = {name: source.check_inputs(split.x) for name, split in dataset.splits().items()}
+    reductions = {layer.name: plan_reduction(layer.name, layer.shape, policy) for layer in chosen if layer.n_features}
+    model_output = _output_predicting(available, dataset.classes)
+
+    features = {layer.name: {} for layer in chosen}
+    model_scores = None
+    total_samples, done = sum(len(x) for x in inputs.values()), 0
+    for split_name, x in inputs.items():
+        wanted = [layer.name for layer in chosen]
+        if model_output is not None and split_name == "test" and model_output.name not in wanted:
+            wanted.append(model_output.name)
+        batches_by_layer = {layer.name: [] for layer in chosen}
+        output_batches = []
+        for batch in source.activations(x, wanted, batch_size):
+            for layer in chosen:
+                activation = batch[layer.name]
+                if layer.name not in reductions:  # shape known only now
+                    reductions[layer.name] = plan_reduction(layer.name, activation.shape[1:], policy)
+                batches_by_layer[layer.name].append(reductions[layer.name].apply(activation))
+            if model_output is not None and split_name == "test":
+                output_batches.append(np.asarray(batch[model_output.name], dtype=np.float32).reshape(len(activation), -1))
+            done += len(activation)
+            progress("extract", done, total_samples, split_name)
+        for name, parts in batches_by_layer.items():
+            features[name][split_name] = np.concatenate(parts)
+        if output_batches:
+            model_scores = np.concatenate(output_batches)
+    extract_seconds = time.perf_counter() - started
+
+    results = []
+    n_classes = len(dataset.classes)
+    for index, layer in enumerate(chosen):
+        progress("fit", index, len(chosen), layer.name)
+        by_split = features.pop(layer.name)
+        probe = fit_probe(
+            by_split["train"], dataset.train.y, n_classes, by_split["valid"], dataset.valid.y, fit
+        )
+        metrics = {name: probe.evaluate(by_split[name], split.y) for name, split in dataset.splits().items()}
+        results.append(_layer_result(layer, reductions[layer.name], metrics, probe))
+    progress("fit", len(chosen), len(chosen), "")
+
+    model_test = None
+    if model_scores is not None:
+        predicted = model_scores.argmax(axis=1)
+        model_test = SplitMetrics(len(predicted), None, float(np.mean(predicted != dataset.test.y)), None)
+    settings = {
+        "source": source.describe(),
+        "layers_requested": list(layers) if layers else None,
+        "reduction": {**vars(policy)},
+        "fit": {**vars(fit)},
+        "batch_size": batch_size,
+        "seconds": {"extract": round(extract_seconds, 3), "total": round(time.perf_counter() - started, 3)},
+        "versions": {"python": platform.python_version(), **_package_versions()},
+    }
+    return ProbeReport(
+        layers=results,
+        classes=[c.item() if hasattr(c, "item") else c for c in dataset.classes],
+        split_sizes={name: len(split) for name, split in dataset.splits().items()},
+        model_test=model_test,
+        model_output=None if model_output is None else model_output.name,
+        settings=settings,
+    )
+
+
+def _output_predicting(available: Sequence[LayerInfo], classes: np.ndarray) -> LayerInfo | None:
+    """The model output that scores exactly these classes (integer labels 0..C-1), if there is one."""
+    n_classes = len(classes)
+    if classes.dtype.kind not in "iu" or not np.array_equal(classes, np.arange(n_classes)):
+        return None
+    for layer in available:
+        if layer.is_output and layer.shape == (n_classes,):
+            return layer
+    return None
+
+
+def _layer_result(layer: LayerInfo, reduction: Reduction, metrics, probe) -> LayerResult:
+    return LayerResult(
+        name=layer.name,
+        op_type=layer.op_type,
+        shape=reduction.sample_shape,
+        reduction=reduction.to_dict(),
+        metrics=metrics,
+        n_iter=probe.n_iter,
+        stop_reason=probe.stop_reason,
+        fit_seconds=probe.fit_seconds,
+    )
+
+
+def _package_versions() -> dict[str, str]:
+    versions = {}
+    for package in RECORDED_PACKAGES:
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            continue
+    return versions

@@ -1,0 +1,188 @@
+"""Which reduction each layer gets, and applying it to a batch (paper section 3.4).
+
+A layer with more features than ``ReductionPolicy.max_features`` is reduced: spatial maps are pooled in
+the smallest non-overlapping window that brings them under the limit (or globally, one value per channel),
+sequences are pooled over their time axis, and whatever is still too large keeps a fixed random subset of
+its features, drawn once per layer from the seed and reused for every batch and split.
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from . import kernels
+from .errors import ReductionError
+
+POOL_KINDS = ("avg", "max")
+LAYOUTS = ("flat", "sequence", "channels_first", "channels_last")
+# Refused even when reduction is disabled: a probe this wide needs gigabytes for weights and features.
+MAX_UNREDUCED_FEATURES = 1 << 18
+
+
+@dataclass(frozen=True)
+class ReductionPolicy:
+    """How layers wider than ``max_features`` are reduced; the same policy applies to every layer of a run.
+
+    ``global_pool`` pools each spatial map to one value per channel (the paper's ResNet-50 probes) instead of
+    the smallest window that fits. ``channels_last`` reads rank-4 tensors as (N, H, W, C), as Keras makes them.
+    ``enabled=False`` probes every layer whole (refusing ones above ``MAX_UNREDUCED_FEATURES``).
+    """
+
+    max_features: int = 4096
+    pool: str = "avg"
+    global_pool: bool = False
+    channels_last: bool = False
+    enabled: bool = True
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.max_features < 1:
+            raise ReductionError(f"max_features must be at least 1, got {self.max_features}")
+        if self.pool not in POOL_KINDS:
+            raise ReductionError(f"pool must be one of {', '.join(POOL_KINDS)}, got {self.pool!r}")
+
+
+@dataclass(frozen=True)
+class Reduction:
+    """The reduction planned for one layer: pooling (optional), then a column subset (optional)."""
+
+    layer: str
+    sample_shape: tuple[int, ...]
+    layout: str
+    pool: str | None = None
+    window: int | None = None
+    subset: np.ndarray | None = field(default=None, repr=False)
+
+    @property
+    def n_features_in(self) -> int:
+        return math.prod(self.sample_shape)
+
+    @property
+    def pooled_shape(self) -> tuple[int, ...]:
+        """Per-sample shape after pooling, before the subset."""
+        if self.pool is None:
+            return (self.n_features_in,)
+        if self.layout == "sequence":
+            return (self.sample_shape[1],)
+        channels, height, width = _channels_height_width(self.sample_shape, self.layout)
+        return (channels, -(-height // self.window), -(-width // self.window))
+
+    @property
+    def n_features_out(self) -> int:
+        if self.subset is not None:
+            return len(self.subset)
+        return math.prod(self.pooled_shape)
+
+    def describe(self) -> str:
+        """A short human-readable summary, e.g. ``avgpool 3x3 -> subset 4096``."""
+        steps = []
+        if self.pool is not None:
+            if self.layout == "sequence":
+                steps.append(f"{self.pool}pool over time")
+            elif self.pooled_shape[1:] == (1, 1):
+                steps.append(f"global {self.pool}pool")
+            else:
+                steps.append(f"{self.pool}pool {self.window}x{self.window}")
+        if self.subset is not None:
+            steps.append(f"random {len(self.subset)} of {math.prod(self.pooled_shape)}")
+        return " -> ".join(steps) if steps else "none"
+
+    def to_dict(self) -> dict:
+        return {
+            "layout": self.layout,
+            "pool": self.pool,
+            "window": self.window,
+            "subset_size": None if self.subset is None else len(self.subset),
+            "features_in": self.n_features_in,
+            "features_out": self.n_features_out,
+            "description": self.describe(),
+        }
+
+    def apply(self, batch: np.ndarray) -> np.ndarray:
+        """Reduce one (N, *sample_shape) batch to (N, n_features_out) float32."""
+        if tuple(batch.shape[1:]) != self.sample_shape:
+            raise ReductionError(
+                f"layer {self.layer!r}: batch has per-sample shape {tuple(batch.shape[1:])}, "
+                f"planned for {self.sample_shape}; the model's layer shapes must not change between batches"
+            )
+        n_samples = batch.shape[0]
+        features = _pooled(self, batch) if self.pool is not None else batch.reshape(n_samples, -1)
+        features = features.reshape(n_samples, -1)
+        if self.subset is not None:
+            rows = np.ascontiguousarray(features)
+            features = np.empty((n_samples, len(self.subset)), dtype=np.float32)
+            kernels.gather_columns(rows, self.subset, features)
+        return np.ascontiguousarray(features, dtype=np.float32)
+
+
+def plan_reduction(layer: str, sample_shape: tuple[int, ...], policy: ReductionPolicy) -> Reduction:
+    """Decide how ``layer``, whose samples have ``sample_shape``, is reduced under ``policy``."""
+    sample_shape = tuple(int(d) for d in sample_shape)
+    layout = _layout(sample_shape, policy)
+    n_features = math.prod(sample_shape)
+    if not policy.enabled or n_features <= policy.max_features:
+        if n_features > MAX_UNREDUCED_FEATURES:
+            raise ReductionError(
+                f"layer {layer!r} has {n_features} features, more than the {MAX_UNREDUCED_FEATURES} that can "
+                "be probed unreduced; allow reduction (drop --no-reduce) or choose other layers"
+            )
+        return Reduction(layer, sample_shape, layout)
+    pool, window = None, None
+    if layout == "sequence":
+        pool = policy.pool
+    elif layout in ("channels_first", "channels_last"):
+        pool, window = policy.pool, _pool_window(sample_shape, layout, policy)
+    reduction = Reduction(layer, sample_shape, layout, pool, window)
+    n_pooled = reduction.n_features_out
+    if n_pooled <= policy.max_features:
+        return reduction
+    rng = np.random.default_rng([policy.seed, zlib.crc32(layer.encode())])
+    subset = np.sort(rng.choice(n_pooled, size=policy.max_features, replace=False)).astype(np.int64)
+    return Reduction(layer, sample_shape, layout, pool, window, subset)
+
+
+def _layout(sample_shape: tuple[int, ...], policy: ReductionPolicy) -> str:
+    if len(sample_shape) == 3:
+        return "channels_last" if policy.channels_last else "channels_first"
+    if len(sample_shape) == 2:
+        return "sequence"
+    return "flat"
+
+
+def _channels_height_width(sample_shape, layout):
+    if layout == "channels_last":
+        height, width, channels = sample_shape
+    else:
+        channels, height, width = sample_shape
+    return channels, height, width
+
+
+def _pool_window(sample_shape, layout, policy) -> int:
+    """The smallest square window whose pooled output fits ``max_features`` (global if none does)."""
+    channels, height, width = _channels_height_width(sample_shape, layout)
+    largest = max(height, width)
+    if policy.global_pool:
+        return largest
+    for window in range(2, largest):
+        if channels * -(-height // window) * -(-width // window) <= policy.max_features:
+            return window
+    return largest
+
+
+def _pooled(reduction: Reduction, batch: np.ndarray) -> np.ndarray:
+    use_max = reduction.pool == "max"
+    n_samples = batch.shape[0]
+    if reduction.layout == "sequence":
+        out = np.empty((n_samples, reduction.sample_shape[1]), dtype=np.float32)
+        kernels.pool_sequence(batch, use_max, out)
+        return out
+    out = np.empty((n_samples, *reduction.pooled_shape), dtype=np.float32)
+    if reduction.layout == "channels_last":
+        kernels.pool2d_channels_last(batch, reduction.window, use_max, out)
+    else:
+        kernels.pool2d(batch, reduction.window, use_max, out)
+    return out

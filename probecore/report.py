@@ -1,0 +1,130 @@
+"""The result of a probing run, and writing it as report.json and probes.csv without half-written files."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .softmax import SplitMetrics
+
+SPLIT_NAMES = ("train", "valid", "test")
+
+
+@dataclass
+class LayerResult:
+    """One layer's probe: what was fitted on, and how well it predicts each split."""
+
+    name: str
+    op_type: str
+    shape: tuple[int, ...]  # per sample
+    reduction: dict  # Reduction.to_dict()
+    metrics: dict[str, SplitMetrics]  # by split name
+    n_iter: int
+    stop_reason: str
+    fit_seconds: float
+
+    @property
+    def n_features(self) -> int:
+        return self.reduction["features_out"]
+
+    def to_dict(self) -> dict:
+        return {
+            "name": self.name,
+            "op_type": self.op_type,
+            "shape": list(self.shape),
+            "features": self.reduction["features_in"],
+            "features_used": self.reduction["features_out"],
+            "reduction": self.reduction,
+            "metrics": {split: self.metrics[split].to_dict() for split in SPLIT_NAMES},
+            "fit": {"iterations": self.n_iter, "stop_reason": self.stop_reason, "seconds": round(self.fit_seconds, 4)},
+        }
+
+
+@dataclass
+class ProbeReport:
+    """Every probed layer in model order, the model's own test error where it predicts the same labels."""
+
+    layers: list[LayerResult]
+    classes: list
+    split_sizes: dict[str, int]
+    model_test: SplitMetrics | None = None
+    model_output: str | None = None
+    settings: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return {
+            "format": "probecore.report/1",
+            "settings": self.settings,
+            "classes": self.classes,
+            "split_sizes": self.split_sizes,
+            "model": None
+            if self.model_test is None
+            else {"output": self.model_output, "test": self.model_test.to_dict()},
+            "layers": [layer.to_dict() for layer in self.layers],
+        }
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    def to_csv(self) -> str:
+        """One row per layer: shape, features, reduction, and loss / error / top-5 error per split."""
+        header = ["layer", "op_type", "shape", "features", "features_used", "reduction"]
+        header += [f"{split}_{metric}" for split in SPLIT_NAMES for metric in ("loss", "error", "top5_error")]
+        buffer = io.StringIO()
+        writer = csv.writer(buffer, lineterminator="\n")
+        writer.writerow(header)
+        for layer in self.layers:
+            row = [layer.name, layer.op_type, "x".join(map(str, layer.shape)), layer.reduction["features_in"]]
+            row += [layer.n_features, layer.reduction["description"]]
+            for split in SPLIT_NAMES:
+                metrics = layer.metrics[split]
+                row += [_number(metrics.loss), _number(metrics.error), _number(metrics.top5_error)]
+            writer.writerow(row)
+        return buffer.getvalue()
+
+    def write(self, out_dir: str | Path) -> Path:
+        """Write report.json and probes.csv into ``out_dir`` so that no reader ever sees half of them.
+
+        A new directory is filled under a temporary name and renamed into place; into an existing one each
+        file is written to a temporary name and renamed over the old one.
+        """
+        out_dir = Path(out_dir)
+        files = {"report.json": self.to_json() + "\n", "probes.csv": self.to_csv()}
+        if out_dir.exists():
+            for name, text in files.items():
+                write_text_atomic(out_dir / name, text)
+            return out_dir
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+        try:
+            staging.chmod(0o755)  # mkdtemp makes it private
+            for name, text in files.items():
+                (staging / name).write_text(text)
+            os.replace(staging, out_dir)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        return out_dir
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to a temporary file beside ``path``, then rename it over ``path``."""
+    handle, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(handle, "w") as temp_file:
+            temp_file.write(text)
+        os.chmod(temp_name, 0o644)  # mkstemp makes it private
+        os.replace(temp_name, path)
+    except BaseException:
+        Path(temp_name).unlink(missing_ok=True)
+        raise
+
+
+def _number(value: float | None) -> str:
+    return "" if value is None else f"{value:.6g}"
