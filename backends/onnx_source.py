@@ -5,7 +5,10 @@ CUDA is used when onnxruntime can really create a CUDA session here; otherwise t
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import hashlib
+import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -114,6 +117,7 @@ def create_session(model_bytes: bytes, device: str = "auto"):
     options = ort.SessionOptions()
     options.log_severity_level = 4
     if device in ("auto", "cuda") and CUDA in ort.get_available_providers():
+        _preload_cuda_libraries(ort)
         try:
             session = ort.InferenceSession(model_bytes, options, providers=[CUDA, CPU])
             if session.get_providers()[0] == CUDA:
@@ -122,10 +126,22 @@ def create_session(model_bytes: bytes, device: str = "auto"):
             pass
     if device == "cuda":
         raise ModelError(
-            "--device cuda was asked for, but onnxruntime cannot use CUDA here (needs onnxruntime-gpu, an NVIDIA "
-            "driver, CUDA 12 and cuDNN 9); use --device auto or cpu"
+            "--device cuda was asked for, but onnxruntime cannot use CUDA here (it needs onnxruntime-gpu, an NVIDIA "
+            "driver, and CUDA 13 with cuDNN 9, e.g. pip install 'onnxruntime-gpu[cuda,cudnn]'); use --device auto or cpu"
         )
     try:
         return ort.InferenceSession(model_bytes, options, providers=[CPU]), CPU
     except Exception as exc:
         raise ModelError(f"onnxruntime cannot run this model: {onnx_graph._first_line(exc)}") from None
+
+
+@functools.cache
+def _preload_cuda_libraries(ort) -> None:
+    """Load CUDA and cuDNN from pip's nvidia-* packages, where onnxruntime-gpu does not look by itself."""
+    if not hasattr(ort, "preload_dlls"):
+        return
+    with open(os.devnull, "w") as sink, contextlib.redirect_stdout(sink):  # it prints what it cannot find
+        try:
+            ort.preload_dlls()
+        except Exception:
+            pass  # the session below then falls back to the CPU

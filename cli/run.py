@@ -6,7 +6,14 @@ from pathlib import Path
 
 import typer
 
+from probecore.probe import FitOptions
+from probecore.reduction import ReductionPolicy
+
 from .output import console, print_summary, progress_bars, user_errors
+
+# Option defaults come from the library's own, so the CLI and the API never disagree.
+POLICY = ReductionPolicy()
+FIT = FitOptions()
 
 
 def run_command(
@@ -19,14 +26,14 @@ def run_command(
         None, "--layers", help="Comma-separated names, globs or op types, e.g. 'relu*,logits' or 'op:Relu,Add'. "
         "Default: the input, activations, pooling, residual additions and outputs.",
     ),
-    max_features: int = typer.Option(4096, help="Reduce layers with more features than this (pool, then subset)."),
-    pool: str = typer.Option("avg", help="Pooling for spatial and sequence tensors: avg or max."),
+    max_features: int = typer.Option(POLICY.max_features, help="Reduce layers with more features than this."),
+    pool: str = typer.Option(POLICY.pool, help="Pooling for spatial and sequence tensors: avg or max."),
     global_pool: bool = typer.Option(False, "--global-pool", help="Pool each feature map to one value per channel."),
     channels_last: bool = typer.Option(False, "--channels-last", help="Read rank-4 tensors as (N, H, W, C)."),
     no_reduce: bool = typer.Option(False, "--no-reduce", help="Probe every layer at full size."),
-    l2: float = typer.Option(1e-3, help="L2 strength on the probe weights (next to the mean cross-entropy)."),
+    l2: float = typer.Option(FIT.l2, help="L2 strength on the probe weights (next to the mean cross-entropy)."),
     batch_size: int = typer.Option(256, min=1, help="Samples per forward pass."),
-    seed: int = typer.Option(0, help="Seed for the data split and the random feature subsets."),
+    seed: int = typer.Option(0, min=0, help="Seed for the data split and the random feature subsets."),
     valid_fraction: float = typer.Option(0.1, help="Share of the samples held out for early stopping (x/y data)."),
     test_fraction: float = typer.Option(0.2, help="Share of the samples held out for testing (x/y data)."),
     device: str = typer.Option("auto", help="auto (CUDA when it works), cpu, or cuda."),
@@ -38,26 +45,14 @@ def run_command(
     Example: probe run model.onnx --data data.npz --out results/ --layers 'op:Relu,Add'
     """
     with user_errors():
-        import probecore
-        from probecore.backends.onnx_source import OnnxSource
-
-        policy = probecore.ReductionPolicy(
+        policy = ReductionPolicy(
             max_features=max_features, pool=pool, global_pool=global_pool, channels_last=channels_last,
             enabled=not no_reduce, seed=seed,
         )  # fmt: skip
-        fit = probecore.FitOptions(l2=l2)
-        source = OnnxSource(model, device=device)
-        dataset = probecore.load_dataset(data, valid_fraction, test_fraction, seed)
-        entries = probecore.parse_layer_spec(layers) if layers else None
-        with progress_bars(quiet or as_json) as progress:
-            report = probecore.run_probes(source, dataset, entries, policy, fit, batch_size, progress)
-        report.settings.update({"data": str(data), "seed": seed})
-        report.write(out)
-    if as_json:
-        print(report.to_json())
-    elif not quiet:
-        print_summary(report)
-        console.print(f"wrote {out / 'report.json'} and {out / 'probes.csv'}")
+        probe_and_write(
+            model, data, out, layers=layers, policy=policy, fit=FitOptions(l2=l2), batch_size=batch_size,
+            seed=seed, fractions=(valid_fraction, test_fraction), device=device, quiet=quiet, as_json=as_json,
+        )  # fmt: skip
 
 
 def demo_command(
@@ -70,8 +65,28 @@ def demo_command(
     """
     from probecore.bundled import DEMO_DATA, DEMO_MODEL
 
-    run_command(
-        DEMO_MODEL, DEMO_DATA, out, layers=None, max_features=4096, pool="avg", global_pool=False,
-        channels_last=False, no_reduce=False, l2=1e-3, batch_size=256, seed=0, valid_fraction=0.1,
-        test_fraction=0.2, device="auto", quiet=quiet, as_json=False,
-    )  # fmt: skip
+    with user_errors():
+        probe_and_write(DEMO_MODEL, DEMO_DATA, out, quiet=quiet)
+
+
+def probe_and_write(
+    model: Path, data: Path, out: Path, *, layers: str | None = None, policy: ReductionPolicy = POLICY,
+    fit: FitOptions = FIT, batch_size: int = 256, seed: int = 0, fractions: tuple[float, float] = (0.1, 0.2),
+    device: str = "auto", quiet: bool = False, as_json: bool = False,
+) -> None:  # fmt: skip
+    """Load, probe, write the results, then show them; nothing is written unless everything succeeded."""
+    import probecore
+    from probecore.backends.onnx_source import OnnxSource
+
+    source = OnnxSource(model, device=device)
+    dataset = probecore.load_dataset(data, *fractions, seed=seed)
+    entries = probecore.parse_layer_spec(layers) if layers else None
+    with progress_bars(quiet or as_json) as progress:
+        report = probecore.run_probes(source, dataset, entries, policy, fit, batch_size, progress)
+    report.settings.update({"data": str(data), "seed": seed})
+    report.write(out)
+    if as_json:
+        print(report.to_json())
+    elif not quiet:
+        print_summary(report)
+        console.print(f"wrote {out / 'report.json'} and {out / 'probes.csv'}")

@@ -15,7 +15,7 @@ ONNX files, ``ArraySource`` for activations you already have).
 from .datasets import Dataset, Split, load_dataset, split_dataset
 from .errors import DataError, LayerSelectionError, ModelError, ProbeError, ReductionError
 from .layers import parse_layer_spec, select_layers
-from .pipeline import run_probes
+from .pipeline import ExtractedFeatures, extract_features, run_probes
 from .probe import FitOptions, Probe, fit_probe
 from .reduction import Reduction, ReductionPolicy, plan_reduction
 from .report import LayerResult, ProbeReport
@@ -29,6 +29,7 @@ __all__ = [
     "ArraySource",
     "DataError",
     "Dataset",
+    "ExtractedFeatures",
     "FitOptions",
     "LayerInfo",
     "LayerResult",
@@ -42,6 +43,7 @@ __all__ = [
     "ReductionPolicy",
     "Split",
     "SplitMetrics",
+    "extract_features",
     "fit_probe",
     "load_dataset",
     "parse_layer_spec",

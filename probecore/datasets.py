@@ -77,6 +77,8 @@ def split_dataset(
     where: str = "data",
 ) -> Dataset:
     """Split one labelled pool into train/valid/test, stratified by label, reproducibly from ``seed``."""
+    if seed < 0:
+        raise DataError(f"seed must be zero or positive, got {seed}")
     if not (0 < valid_fraction < 1 and 0 < test_fraction < 1 and valid_fraction + test_fraction < 1):
         raise DataError(
             f"valid and test fractions must be in (0, 1) and sum below 1, got {valid_fraction} and {test_fraction}"
@@ -95,6 +97,10 @@ def split_dataset(
 def dataset_from_splits(xs: dict, ys: dict, valid_fraction: float = 0.1, seed: int = 0) -> Dataset:
     """Build a Dataset from given splits; a missing valid split is carved out of train (stratified)."""
     present = [name for name in SPLITS if xs.get(name) is not None]
+    kinds = {name: "text" if np.asarray(ys[name]).dtype.kind in "US" else "numbers" for name in present}
+    if len(set(kinds.values())) > 1:
+        listed = ", ".join(f"y_{name} holds {kind}" for name, kind in kinds.items())
+        raise DataError(f"label types differ between splits ({listed}); use the same kind of label in every split")
     classes, _ = _encode(np.concatenate([np.asarray(ys[name]) for name in present]), "labels")
     splits = {name: Split(np.asarray(xs[name]), _codes(ys[name], classes)) for name in present}
     if "valid" not in splits:
@@ -150,7 +156,8 @@ def _check_pair(x: np.ndarray, y: np.ndarray, where: str) -> None:
 def _encode(labels: np.ndarray, where: str) -> tuple[np.ndarray, np.ndarray]:
     labels = np.asarray(labels)
     if labels.dtype.kind == "f":
-        if not np.all(np.isfinite(labels)) or not np.all(labels == np.round(labels)):
+        exact = np.isfinite(labels) & (labels == np.round(labels)) & (np.abs(labels) <= 2**53)
+        if not np.all(exact):
             raise DataError(f"{where}: labels are non-integer floats; use integer or string class labels")
         labels = labels.astype(np.int64)
     elif labels.dtype.kind not in "iubUS":

@@ -5,6 +5,7 @@ from __future__ import annotations
 import platform
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from importlib import metadata
 
 import numpy as np
@@ -20,6 +21,15 @@ from .source import ActivationSource, LayerInfo
 # progress(stage, completed, total, detail): stage is "extract" (samples) or "fit" (layers).
 ProgressCallback = Callable[[str, int, int, str], None]
 RECORDED_PACKAGES = ("probecore", "numpy", "scipy", "numba", "onnx", "onnxruntime", "onnxruntime-gpu")
+
+
+@dataclass
+class ExtractedFeatures:
+    """Reduced features of every chosen layer for every split, and the model's own test scores if any."""
+
+    by_layer: dict[str, dict[str, np.ndarray]]  # layer -> split -> (N, features) float32
+    reductions: dict[str, Reduction]
+    model_test_scores: np.ndarray | None = None  # (N_test, C) from the output that predicts these labels
 
 
 def run_probes(
@@ -38,52 +48,23 @@ def run_probes(
     """
     started = time.perf_counter()
     progress = progress or (lambda *args: None)
-    available = source.layers()
-    chosen = select_layers(available, layers)
-    inputs = {name: source.check_inputs(split.x) for name, split in dataset.splits().items()}
-    reductions = {layer.name: plan_reduction(layer.name, layer.shape, policy) for layer in chosen if layer.n_features}
-    model_output = _output_predicting(available, dataset.classes)
-
-    features = {layer.name: {} for layer in chosen}
-    model_scores = None
-    total_samples, done = sum(len(x) for x in inputs.values()), 0
-    for split_name, x in inputs.items():
-        wanted = [layer.name for layer in chosen]
-        if model_output is not None and split_name == "test" and model_output.name not in wanted:
-            wanted.append(model_output.name)
-        batches_by_layer = {layer.name: [] for layer in chosen}
-        output_batches = []
-        for batch in source.activations(x, wanted, batch_size):
-            for layer in chosen:
-                activation = batch[layer.name]
-                if layer.name not in reductions:  # shape known only now
-                    reductions[layer.name] = plan_reduction(layer.name, activation.shape[1:], policy)
-                batches_by_layer[layer.name].append(reductions[layer.name].apply(activation))
-            if model_output is not None and split_name == "test":
-                output_batches.append(np.asarray(batch[model_output.name], dtype=np.float32).reshape(len(activation), -1))
-            done += len(activation)
-            progress("extract", done, total_samples, split_name)
-        for name, parts in batches_by_layer.items():
-            features[name][split_name] = np.concatenate(parts)
-        if output_batches:
-            model_scores = np.concatenate(output_batches)
+    chosen = select_layers(source.layers(), layers)
+    extracted = extract_features(source, dataset, chosen, policy, batch_size, progress)
     extract_seconds = time.perf_counter() - started
 
     results = []
     n_classes = len(dataset.classes)
     for index, layer in enumerate(chosen):
         progress("fit", index, len(chosen), layer.name)
-        by_split = features.pop(layer.name)
-        probe = fit_probe(
-            by_split["train"], dataset.train.y, n_classes, by_split["valid"], dataset.valid.y, fit
-        )
+        by_split = extracted.by_layer.pop(layer.name)  # free each layer's features once fitted
+        probe = fit_probe(by_split["train"], dataset.train.y, n_classes, by_split["valid"], dataset.valid.y, fit)
         metrics = {name: probe.evaluate(by_split[name], split.y) for name, split in dataset.splits().items()}
-        results.append(_layer_result(layer, reductions[layer.name], metrics, probe))
+        results.append(_layer_result(layer, extracted.reductions[layer.name], metrics, probe))
     progress("fit", len(chosen), len(chosen), "")
 
-    model_test = None
-    if model_scores is not None:
-        predicted = model_scores.argmax(axis=1)
+    model_test, model_output = None, _output_predicting(source.layers(), dataset.classes)
+    if extracted.model_test_scores is not None:
+        predicted = extracted.model_test_scores.argmax(axis=1)
         model_test = SplitMetrics(len(predicted), None, float(np.mean(predicted != dataset.test.y)), None)
     settings = {
         "source": source.describe(),
@@ -99,9 +80,55 @@ def run_probes(
         classes=[c.item() if hasattr(c, "item") else c for c in dataset.classes],
         split_sizes={name: len(split) for name, split in dataset.splits().items()},
         model_test=model_test,
-        model_output=None if model_output is None else model_output.name,
+        model_output=None if model_test is None else model_output.name,
         settings=settings,
     )
+
+
+def extract_features(
+    source: ActivationSource,
+    dataset: Dataset,
+    layers: Sequence[LayerInfo],
+    policy: ReductionPolicy = ReductionPolicy(),
+    batch_size: int = 256,
+    progress: ProgressCallback | None = None,
+) -> ExtractedFeatures:
+    """Run ``source`` over every split, reducing each batch of each layer as it arrives.
+
+    Every input is checked before the first forward pass, and layers of known shape get their reduction
+    planned up front, so mistakes surface before any work is done.
+    """
+    progress = progress or (lambda *args: None)
+    inputs = {name: source.check_inputs(split.x) for name, split in dataset.splits().items()}
+    reductions = {layer.name: plan_reduction(layer.name, layer.shape, policy) for layer in layers if layer.n_features}
+    model_output = _output_predicting(source.layers(), dataset.classes)
+    names = [layer.name for layer in layers]
+    by_layer = {name: {} for name in names}
+    model_test_scores = None
+    total_samples, done = sum(len(x) for x in inputs.values()), 0
+    for split_name, x in inputs.items():
+        wanted = list(names)
+        score_output = model_output is not None and split_name == "test"
+        if score_output and model_output.name not in wanted:
+            wanted.append(model_output.name)
+        parts_by_layer = {name: [] for name in names}
+        score_parts = []
+        for batch in source.activations(x, wanted, batch_size):
+            for name in names:
+                activation = batch[name]
+                if name not in reductions:  # shape known only now
+                    reductions[name] = plan_reduction(name, activation.shape[1:], policy)
+                parts_by_layer[name].append(reductions[name].apply(activation))
+            n_batch = len(next(iter(batch.values())))
+            if score_output:
+                score_parts.append(np.asarray(batch[model_output.name], np.float32).reshape(n_batch, -1))
+            done += n_batch
+            progress("extract", done, total_samples, split_name)
+        for name, parts in parts_by_layer.items():
+            by_layer[name][split_name] = np.concatenate(parts)
+        if score_parts:
+            model_test_scores = np.concatenate(score_parts)
+    return ExtractedFeatures(by_layer, reductions, model_test_scores)
 
 
 def _output_predicting(available: Sequence[LayerInfo], classes: np.ndarray) -> LayerInfo | None:

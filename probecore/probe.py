@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import numpy as np
 from scipy.optimize import minimize
+from threadpoolctl import threadpool_limits
 
 from .errors import ProbeError
 from .softmax import SoftmaxLoss, SplitMetrics, log_softmax, split_metrics
@@ -17,17 +18,23 @@ class FitOptions:
     """How each probe is fitted.
 
     ``l2`` multiplies ``||W||^2 / 2`` next to the *mean* cross-entropy, so it does not scale with the number
-    of samples (scikit-learn's ``C`` is ``1 / (l2 * n_train)``). Fitting stops when the validation loss has
+    of samples (scikit-learn's ``C`` is ``1 / (l2 * n_train)``, or twice that for two classes, where it fits
+    one weight vector instead of two). Fitting stops when the validation loss has
     not improved for ``patience`` L-BFGS iterations, keeping the best parameters seen, or when L-BFGS
     converges (``tol``) or reaches ``max_iter``. Features are standardized with the training split's mean
     and spread unless ``standardize`` is False.
+
+    ``blas_threads`` caps BLAS threads while fitting (None leaves them alone): the products here are small,
+    and OpenBLAS threads competing with numba's or another process's made the demo 16x slower on 2 cores
+    and 6x slower on 16 (see benchmarks/README.md).
     """
 
-    l2: float = 1e-3
+    l2: float = 3e-3
     max_iter: int = 1000
-    patience: int = 20
+    patience: int = 50
     tol: float = 1e-7
     standardize: bool = True
+    blas_threads: int | None = 1
 
     def __post_init__(self):
         if not self.l2 >= 0:
@@ -86,14 +93,15 @@ def fit_probe(
     if valid_features is not None and valid_labels is not None:
         valid_standardized = (np.asarray(valid_features, dtype=np.float32) - mean) / scale
         stopper = _EarlyStopping(loss, valid_standardized, np.asarray(valid_labels, np.int64), options.patience)
-    result = minimize(
-        loss.value_and_grad,
-        params,
-        jac=True,
-        method="L-BFGS-B",
-        callback=stopper,
-        options={"maxiter": options.max_iter, "ftol": options.tol, "gtol": options.tol, "maxcor": 20},
-    )
+    with threadpool_limits(limits=options.blas_threads, user_api="blas"):
+        result = minimize(
+            loss.value_and_grad,
+            params,
+            jac=True,
+            method="L-BFGS-B",
+            callback=stopper,
+            options={"maxiter": options.max_iter, "ftol": options.tol, "gtol": options.tol, "maxcor": 20},
+        )
     best = result.x
     stop_reason = "converged" if result.success else "max_iter"
     if stopper is not None:

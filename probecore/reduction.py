@@ -42,6 +42,8 @@ class ReductionPolicy:
     def __post_init__(self):
         if self.max_features < 1:
             raise ReductionError(f"max_features must be at least 1, got {self.max_features}")
+        if self.seed < 0:
+            raise ReductionError(f"seed must be zero or positive, got {self.seed}")
         if self.pool not in POOL_KINDS:
             raise ReductionError(f"pool must be one of {', '.join(POOL_KINDS)}, got {self.pool!r}")
 
@@ -110,6 +112,8 @@ class Reduction:
                 f"planned for {self.sample_shape}; the model's layer shapes must not change between batches"
             )
         n_samples = batch.shape[0]
+        if batch.dtype not in (np.float32, np.float64):  # float16, bfloat16-as-float, ints: numba kernels need these
+            batch = batch.astype(np.float32)
         features = _pooled(self, batch) if self.pool is not None else batch.reshape(n_samples, -1)
         features = features.reshape(n_samples, -1)
         if self.subset is not None:
@@ -126,9 +130,10 @@ def plan_reduction(layer: str, sample_shape: tuple[int, ...], policy: ReductionP
     n_features = math.prod(sample_shape)
     if not policy.enabled or n_features <= policy.max_features:
         if n_features > MAX_UNREDUCED_FEATURES:
+            fix = "allow reduction (drop --no-reduce)" if not policy.enabled else "lower --max-features"
             raise ReductionError(
                 f"layer {layer!r} has {n_features} features, more than the {MAX_UNREDUCED_FEATURES} that can "
-                "be probed unreduced; allow reduction (drop --no-reduce) or choose other layers"
+                f"be probed unreduced; {fix} or choose other layers"
             )
         return Reduction(layer, sample_shape, layout)
     pool, window = None, None

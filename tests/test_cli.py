@@ -1,0 +1,141 @@
+"""The ``probe`` command: happy paths on the bundled model, and one clear line for each user mistake."""
+
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from probecore.bundled import DEMO_DATA, DEMO_MODEL
+from probecore.cli.app import app
+
+runner = CliRunner()
+
+
+def invoke(*args, env=None):
+    return runner.invoke(app, [str(arg) for arg in args], env=env)
+
+
+@pytest.fixture(scope="module")
+def demo_arrays():
+    with np.load(DEMO_DATA) as archive:
+        return {key: archive[key] for key in archive.files}
+
+
+def small_npz(path, arrays, **changes):
+    """A 600-sample cut of the bundled digits, with some keys changed or (value None) removed."""
+    keep = {"x_train": 400, "y_train": 400, "x_valid": 100, "y_valid": 100, "x_test": 100, "y_test": 100}
+    data = {key: arrays[key][:count] for key, count in keep.items()}
+    for key, value in changes.items():
+        if value is None:
+            data.pop(key)
+        else:
+            data[key] = value
+    np.savez(path, **data)
+    return path
+
+
+def test_layers_lists_the_default_layers_as_json():
+    result = invoke("layers", DEMO_MODEL, "--json")
+    assert result.exit_code == 0, result.output
+    rows = json.loads(result.stdout)
+    assert [row["name"] for row in rows] == ["pixels", "relu1", "pool1", "relu2", "pool2", "relu3", "logits"]
+    assert rows[1] == {
+        "name": "relu1", "op_type": "Relu", "shape": [32, 28, 28], "features": 25088, "default": True, "output": False,
+    }  # fmt: skip
+
+
+def test_run_writes_report_and_csv_and_prints_json(tmp_path, demo_arrays):
+    data = small_npz(tmp_path / "data.npz", demo_arrays)
+    out = tmp_path / "results"
+    result = invoke("run", DEMO_MODEL, "--data", data, "--out", out, "--layers", "op:Relu", "--json")
+    assert result.exit_code == 0, result.output
+    printed = json.loads(result.stdout)
+    written = json.loads((out / "report.json").read_text())
+    assert printed == written
+    assert [layer["name"] for layer in written["layers"]] == ["relu1", "relu2", "relu3"]
+    assert written["split_sizes"] == {"train": 400, "valid": 100, "test": 100}
+    assert written["model"]["output"] == "logits"
+    assert (out / "probes.csv").read_text().count("\n") == 4
+
+
+def test_run_prints_the_table(tmp_path, demo_arrays):
+    data = small_npz(tmp_path / "data.npz", demo_arrays)
+    result = invoke("run", DEMO_MODEL, "--data", data, "--out", tmp_path / "r", "--layers", "relu3,logits")
+    assert result.exit_code == 0, result.output
+    assert "relu3" in result.stdout and "error % train/valid/test" in result.stdout
+    assert "model's own test error (logits)" in result.stdout
+
+
+def not_onnx(tmp, arrays):
+    (tmp / "model.onnx").write_bytes(b"not a model")
+    return tmp / "model.onnx", small_npz(tmp / "d.npz", arrays), []
+
+
+def unknown_layer(tmp, arrays):
+    return DEMO_MODEL, small_npz(tmp / "d.npz", arrays), ["--layers", "relu9"]
+
+
+def label_count(tmp, arrays):
+    return DEMO_MODEL, small_npz(tmp / "d.npz", arrays, y_test=arrays["y_test"][:99]), []
+
+
+def missing_key(tmp, arrays):
+    return DEMO_MODEL, small_npz(tmp / "d.npz", arrays, x_train=None), []
+
+
+def input_shape(tmp, arrays):
+    flat = {key: arrays[key][:n].reshape(n, 784) for key, n in (("x_train", 400), ("x_valid", 100), ("x_test", 100))}
+    return DEMO_MODEL, small_npz(tmp / "d.npz", arrays, **flat), []
+
+
+def missing_data(tmp, arrays):
+    return DEMO_MODEL, tmp / "nope.npz", []
+
+
+BAD_INPUTS = [
+    (not_onnx, "is not an ONNX model"),
+    (unknown_layer, "unknown layer 'relu9'; did you mean relu3, relu2, relu1?"),
+    (label_count, "x_test/y_test: 100 samples but 99 labels"),
+    (missing_key, "needs keys x_train, y_train, x_test, y_test"),
+    (input_shape, "per-sample shape (784,), but model input 'pixels' expects (1, 28, 28)"),
+    (missing_data, "data file not found"),
+]
+
+
+@pytest.mark.parametrize("make_case, message", BAD_INPUTS, ids=[case.__name__ for case, _ in BAD_INPUTS])
+def test_bad_input_gives_one_line_exit_1_and_no_output(tmp_path, demo_arrays, make_case, message):
+    model, data, extra = make_case(tmp_path, demo_arrays)
+    out = tmp_path / "results"
+    result = invoke("run", model, "--data", data, "--out", out, *extra)
+    assert result.exit_code == 1
+    assert result.stderr.count("\n") == 1 and result.stderr.startswith("error: "), result.stderr
+    assert message in result.stderr
+    assert "Traceback" not in result.output
+    assert not out.exists()
+
+
+def test_debug_variable_shows_the_traceback(tmp_path):
+    result = invoke("layers", tmp_path / "missing.onnx", env={"PROBECORE_DEBUG": "1"})
+    assert result.exit_code != 0 and type(result.exception).__name__ == "ModelError"
+
+
+@pytest.mark.skipif(shutil.which("probe") is None, reason="console script not installed")
+def test_console_script_runs_the_demo_and_reports_errors_on_stderr(tmp_path):
+    done = subprocess.run(["probe", "demo", "--quiet", "--out", tmp_path / "demo"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    report = json.loads((tmp_path / "demo" / "report.json").read_text())
+    errors = {layer["name"]: layer["metrics"]["test"]["error"] for layer in report["layers"]}
+    assert errors["pixels"] > errors["relu3"]
+    failed = subprocess.run(["probe", "layers", tmp_path / "missing.onnx"], capture_output=True, text=True)
+    assert failed.returncode == 1
+    assert failed.stderr.strip().splitlines() == [f"error: model file not found: {tmp_path / 'missing.onnx'}; "
+                                                  "pass the path of an .onnx file"]
+
+
+def test_module_entry_point_matches_console_script():
+    result = subprocess.run([sys.executable, "-m", "probecore.cli", "--help"], capture_output=True, text=True)
+    assert result.returncode == 0 and "probe" in result.stdout

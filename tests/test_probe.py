@@ -1,0 +1,176 @@
+"""fit_probe against scikit-learn's LogisticRegression, early stopping, and the fitted Probe's methods."""
+
+import numpy as np
+import pytest
+from sklearn.linear_model import LogisticRegression
+
+import reference as ref
+from probecore.errors import ProbeError
+from probecore.probe import FitOptions, Probe, fit_probe
+from probecore.softmax import split_metrics
+
+
+def _linear_data(rng, n, d, c, noise=1.0):
+    """Features on mixed scales and offsets, labels drawn from a random softmax model (not separable)."""
+    features = rng.standard_normal((n, d)) * rng.uniform(0.1, 20, size=d) + rng.uniform(-50, 50, size=d)
+    standardized = (features - features.mean(axis=0)) / features.std(axis=0)
+    logits = standardized @ rng.standard_normal((d, c)) * (2.0 / noise)
+    probs = np.exp(ref.log_softmax(logits))
+    labels = np.array([rng.choice(c, p=p / p.sum()) for p in probs])
+    labels[:c] = np.arange(c)  # every class present
+    return features.astype(np.float32), labels
+
+
+def _standardize(train, *others):
+    mean, std = train.mean(axis=0, dtype=np.float64), train.std(axis=0, dtype=np.float64)
+    std[std == 0] = 1.0
+    return [(np.asarray(x, np.float64) - mean) / std for x in (train, *others)]
+
+
+def _sklearn_softmax_params(features, labels, n_classes, l2):
+    """scikit-learn's minimizer of the same objective, as softmax (d, C) weights and (C,) bias.
+
+    Multinomial: sum CE + ||W||^2 / (2 C_sk)  ==  n * (mean CE + l2 / 2 ||W||^2)  with C_sk = 1 / (l2 n).
+    Two classes: scikit-learn fits one vector w; the softmax optimum is W = [-w/2, w/2], whose penalty
+    l2 / 2 * ||W||^2 = l2 / 4 * ||w||^2, so C_sk = 2 / (l2 n) there.
+    """
+    n = len(labels)
+    c_sk = (2.0 if n_classes == 2 else 1.0) / (l2 * n)
+    model = LogisticRegression(C=c_sk, tol=1e-8, max_iter=20000).fit(features, labels)
+    if n_classes == 2:
+        w, b = model.coef_[0], model.intercept_[0]
+        return np.stack([-w / 2, w / 2], axis=1), np.array([-b / 2, b / 2])
+    return model.coef_.T, model.intercept_
+
+
+def _objective(features, labels, weights, bias, l2):
+    return ref.softmax_objective(features, labels, weights, bias, l2)[0]
+
+
+# (N, d, C, l2)
+SKLEARN_CASES = [(300, 4, 2, 1e-2), (600, 20, 2, 1e-3), (800, 10, 3, 1e-3), (1000, 15, 7, 1e-2), (1500, 10, 50, 1e-2)]
+
+
+@pytest.mark.parametrize("n, d, c, l2", SKLEARN_CASES)
+def test_fit_without_validation_reaches_sklearn_optimum(n, d, c, l2):
+    rng = np.random.default_rng([1, n, d, c])
+    features, labels = _linear_data(rng, n, d, c)
+    probe = fit_probe(features, labels, c, options=FitOptions(l2=l2))
+    assert probe.stop_reason == "converged"
+
+    (standardized,) = _standardize(features)
+    sk_weights, sk_bias = _sklearn_softmax_params(standardized, labels, c, l2)
+    ours = _objective(standardized, labels, probe.weights, probe.bias, l2)
+    theirs = _objective(standardized, labels, sk_weights, sk_bias, l2)
+    assert ours == pytest.approx(theirs, rel=1e-4)
+
+    sk_predictions = (standardized @ sk_weights + sk_bias).argmax(axis=1)
+    assert np.mean(probe.predict(features) == sk_predictions) >= 0.99
+
+
+@pytest.mark.parametrize("n, d, c", [(600, 8, 3), (1500, 10, 12)])
+def test_early_stopping_is_recorded_and_tests_as_well_as_sklearn(n, d, c):
+    rng = np.random.default_rng([2, n, d, c])
+    features, labels = _linear_data(rng, 2 * n, d, c)
+    train, valid, test = slice(0, n), slice(n, n + n // 2), slice(n + n // 2, None)
+    l2 = 1e-3
+    probe = fit_probe(features[train], labels[train], c, features[valid], labels[valid], FitOptions(l2=l2, patience=5))
+    assert probe.stop_reason in ("converged", "early_stopping", "max_iter")
+    assert 1 <= probe.n_iter <= 1000
+
+    std_train, std_test = _standardize(features[train], features[test])
+    sk_weights, sk_bias = _sklearn_softmax_params(std_train, labels[train], c, l2)
+    sk_error = np.mean((std_test @ sk_weights + sk_bias).argmax(axis=1) != labels[test])
+    assert probe.evaluate(features[test], labels[test]).error == pytest.approx(sk_error, abs=0.01)
+
+
+def test_with_validation_and_no_early_stop_the_best_validation_iterate_is_kept():
+    # With patience beyond max_iter the validation split cannot stop L-BFGS, so both fits follow the same
+    # path; the one watching the validation loss must keep parameters at least as good on it as the end point.
+    rng = np.random.default_rng(3)
+    features, labels = _linear_data(rng, 260, 60, 3, noise=3.0)
+    train, valid = slice(0, 160), slice(160, None)
+    options = FitOptions(l2=1e-4, patience=10_000, max_iter=300)
+    watched = fit_probe(features[train], labels[train], 3, features[valid], labels[valid], options)
+    plain = fit_probe(features[train], labels[train], 3, options=options)
+    assert watched.n_iter == plain.n_iter
+    watched_loss = watched.evaluate(features[valid], labels[valid]).loss
+    plain_loss = plain.evaluate(features[valid], labels[valid]).loss
+    assert watched_loss <= plain_loss * (1 + 1e-5)
+    assert watched_loss < plain_loss * 0.99  # on this overfitting problem the path's best is clearly earlier
+
+
+def test_early_stopping_stops_an_overfitting_fit_and_keeps_the_better_parameters():
+    rng = np.random.default_rng(4)
+    features, labels = _linear_data(rng, 300, 80, 2, noise=4.0)  # more features than train samples
+    train, valid = slice(0, 60), slice(60, None)
+    options = FitOptions(l2=0.0, patience=5, max_iter=500)
+    stopped = fit_probe(features[train], labels[train], 2, features[valid], labels[valid], options)
+    unwatched = fit_probe(features[train], labels[train], 2, options=options)
+    assert stopped.stop_reason == "early_stopping"
+    assert stopped.n_iter < unwatched.n_iter
+    stopped_loss = stopped.evaluate(features[valid], labels[valid]).loss
+    assert stopped_loss < unwatched.evaluate(features[valid], labels[valid]).loss
+
+
+def test_constant_features_give_finite_probes_equal_to_fits_without_them():
+    rng = np.random.default_rng(5)
+    informative, labels = _linear_data(rng, 400, 6, 4)
+    constants = np.tile(np.array([0.0, 3.7, -1e6], np.float32), (400, 1))
+    features = np.concatenate([constants[:, :1], informative, constants[:, 1:]], axis=1)
+    probe = fit_probe(features, labels, 4, options=FitOptions(l2=1e-2))
+    for array in (probe.weights, probe.bias, probe.mean, probe.scale):
+        assert np.all(np.isfinite(array))
+    log_proba = probe.log_proba(features)
+    assert np.all(np.isfinite(log_proba))
+    without = fit_probe(informative, labels, 4, options=FitOptions(l2=1e-2))
+    np.testing.assert_allclose(log_proba, without.log_proba(informative), atol=1e-3)
+
+
+def test_all_features_constant_gives_the_class_frequencies():
+    rng = np.random.default_rng(6)
+    labels = rng.integers(0, 3, size=300)
+    probe = fit_probe(np.full((300, 4), 2.5, np.float32), labels, 3)
+    frequencies = np.bincount(labels, minlength=3) / 300
+    np.testing.assert_allclose(np.exp(probe.log_proba(np.zeros((2, 4), np.float32))), [frequencies] * 2, atol=1e-4)
+
+
+@pytest.mark.parametrize("n, d, c", [(50, 3, 2), (200, 12, 9)])
+def test_predict_and_evaluate_agree_with_log_proba(n, d, c):
+    rng = np.random.default_rng([7, n, d, c])
+    features, labels = _linear_data(rng, n, d, c)
+    probe = fit_probe(features, labels, c, options=FitOptions(l2=1e-2))
+    new_features = (rng.standard_normal((n, d)) * features.std(axis=0) + features.mean(axis=0)).astype(np.float32)
+    log_proba = probe.log_proba(new_features)
+
+    standardized = (new_features.astype(np.float64) - probe.mean) / probe.scale
+    expected = ref.log_softmax(standardized @ probe.weights.astype(np.float64) + probe.bias)
+    np.testing.assert_allclose(log_proba, expected, atol=1e-4)
+    np.testing.assert_allclose(np.exp(log_proba).sum(axis=1), 1.0, rtol=1e-5)
+    np.testing.assert_array_equal(probe.predict(new_features), log_proba.argmax(axis=1))
+    assert probe.evaluate(new_features, labels) == split_metrics(log_proba, labels)
+
+
+def test_probe_from_given_parameters_predicts_the_arg_max_of_its_scores():
+    rng = np.random.default_rng(8)
+    d, c = 5, 4
+    probe = Probe(
+        weights=rng.standard_normal((d, c)).astype(np.float32),
+        bias=rng.standard_normal(c).astype(np.float32),
+        mean=rng.standard_normal(d).astype(np.float32),
+        scale=rng.uniform(0.5, 2, size=d).astype(np.float32),
+        n_iter=0,
+        stop_reason="converged",
+        fit_seconds=0.0,
+    )
+    features = rng.standard_normal((30, d)).astype(np.float32)
+    scores = ((features.astype(np.float64) - probe.mean) / probe.scale) @ probe.weights + probe.bias
+    np.testing.assert_array_equal(probe.predict(features), scores.argmax(axis=1))
+
+
+@pytest.mark.parametrize(
+    "bad", [dict(l2=-1e-6), dict(l2=-1.0), dict(l2=float("nan")), dict(max_iter=0), dict(patience=0)]
+)
+def test_fit_options_reject_invalid_values(bad):
+    with pytest.raises(ProbeError):
+        FitOptions(**bad)

@@ -1,0 +1,54 @@
+"""Writing report.json and probes.csv: complete files or none."""
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+
+from probecore.report import LayerResult, ProbeReport
+from probecore.softmax import SplitMetrics
+
+
+def make_report(n_layers=2):
+    layers = []
+    for index in range(n_layers):
+        metrics = {split: SplitMetrics(10, 0.5 + index, 0.1 * index, None) for split in ("train", "valid", "test")}
+        reduction = {"features_in": 64, "features_out": 16, "description": "avgpool 2x2"}
+        layers.append(LayerResult(f"layer{index}", "Relu", (4, 4, 4), reduction, metrics, 12, "converged", 0.01))
+    return ProbeReport(layers, [0, 1], {"train": 10, "valid": 10, "test": 10}, settings={"seed": 0})
+
+
+def test_report_files_hold_every_layer(tmp_path):
+    out = make_report(3).write(tmp_path / "results")
+    data = json.loads((out / "report.json").read_text())
+    assert [layer["name"] for layer in data["layers"]] == ["layer0", "layer1", "layer2"]
+    assert data["layers"][1]["metrics"]["test"] == {"n": 10, "loss": 1.5, "error": 0.1, "top5_error": None}
+    rows = list(csv.DictReader((out / "probes.csv").open()))
+    assert [row["layer"] for row in rows] == ["layer0", "layer1", "layer2"]
+    assert rows[2]["test_error"] == "0.2" and rows[0]["shape"] == "4x4x4" and rows[0]["test_top5_error"] == ""
+
+
+def test_existing_directory_gets_its_files_replaced_and_keeps_others(tmp_path):
+    out = tmp_path / "results"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    (out / "report.json").write_text("old")
+    make_report().write(out)
+    assert json.loads((out / "report.json").read_text())["format"] == "probecore.report/1"
+    assert (out / "notes.txt").read_text() == "mine"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["results"]
+
+
+def test_a_failed_write_leaves_no_directory_behind(tmp_path, monkeypatch):
+    original_write = Path.write_text
+
+    def fail_on_csv(path, text, *args, **kwargs):
+        if path.name == "probes.csv":
+            raise OSError("disk full")
+        return original_write(path, text, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "write_text", fail_on_csv)
+    with pytest.raises(OSError, match="disk full"):
+        make_report().write(tmp_path / "results")
+    assert list(tmp_path.iterdir()) == []
