@@ -116,6 +116,8 @@ def create_session(model_bytes: bytes, device: str = "auto"):
     ort.set_default_logger_severity(4)  # a missing CUDA library is expected, not worth a screen of errors
     options = ort.SessionOptions()
     options.log_severity_level = 4
+    # Between runs onnxruntime's idle threads would spin, starving the numba reductions of the batch just out.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if device in ("auto", "cuda") and CUDA in ort.get_available_providers():
         _preload_cuda_libraries(ort)
         try:

@@ -29,7 +29,8 @@ class ExtractedFeatures:
 
     by_layer: dict[str, dict[str, np.ndarray]]  # layer -> split -> (N, features) float32
     reductions: dict[str, Reduction]
-    model_test_scores: np.ndarray | None = None  # (N_test, C) from the output that predicts these labels
+    model_output: str | None = None  # the model output that scores the same classes, if any
+    model_test_scores: np.ndarray | None = None  # (N_test, C) from that output
 
 
 def run_probes(
@@ -62,7 +63,7 @@ def run_probes(
         results.append(_layer_result(layer, extracted.reductions[layer.name], metrics, probe))
     progress("fit", len(chosen), len(chosen), "")
 
-    model_test, model_output = None, _output_predicting(source.layers(), dataset.classes)
+    model_test = None
     if extracted.model_test_scores is not None:
         predicted = extracted.model_test_scores.argmax(axis=1)
         model_test = SplitMetrics(len(predicted), None, float(np.mean(predicted != dataset.test.y)), None)
@@ -80,7 +81,7 @@ def run_probes(
         classes=[c.item() if hasattr(c, "item") else c for c in dataset.classes],
         split_sizes={name: len(split) for name, split in dataset.splits().items()},
         model_test=model_test,
-        model_output=None if model_test is None else model_output.name,
+        model_output=extracted.model_output if model_test is not None else None,
         settings=settings,
     )
 
@@ -128,7 +129,8 @@ def extract_features(
             by_layer[name][split_name] = np.concatenate(parts)
         if score_parts:
             model_test_scores = np.concatenate(score_parts)
-    return ExtractedFeatures(by_layer, reductions, model_test_scores)
+    output_name = None if model_output is None else model_output.name
+    return ExtractedFeatures(by_layer, reductions, output_name, model_test_scores)
 
 
 def _output_predicting(available: Sequence[LayerInfo], classes: np.ndarray) -> LayerInfo | None:

@@ -1,9 +1,9 @@
 """The ``probe`` command: happy paths on the bundled model, and one clear line for each user mistake."""
 
 import json
-import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -123,14 +123,17 @@ def test_debug_variable_shows_the_traceback(tmp_path):
     assert result.exit_code != 0 and type(result.exception).__name__ == "ModelError"
 
 
-@pytest.mark.skipif(shutil.which("probe") is None, reason="console script not installed")
+PROBE_SCRIPT = Path(sys.executable).parent / "probe"  # installed beside this interpreter
+
+
+@pytest.mark.skipif(not PROBE_SCRIPT.exists(), reason="the probe console script is not installed in this environment")
 def test_console_script_runs_the_demo_and_reports_errors_on_stderr(tmp_path):
-    done = subprocess.run(["probe", "demo", "--quiet", "--out", tmp_path / "demo"], capture_output=True, text=True)
+    done = subprocess.run([PROBE_SCRIPT, "demo", "--quiet", "--out", tmp_path / "demo"], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     report = json.loads((tmp_path / "demo" / "report.json").read_text())
     errors = {layer["name"]: layer["metrics"]["test"]["error"] for layer in report["layers"]}
     assert errors["pixels"] > errors["relu3"]
-    failed = subprocess.run(["probe", "layers", tmp_path / "missing.onnx"], capture_output=True, text=True)
+    failed = subprocess.run([PROBE_SCRIPT, "layers", tmp_path / "missing.onnx"], capture_output=True, text=True)
     assert failed.returncode == 1
     assert failed.stderr.strip().splitlines() == [f"error: model file not found: {tmp_path / 'missing.onnx'}; "
                                                   "pass the path of an .onnx file"]
