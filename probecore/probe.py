@@ -25,8 +25,7 @@ class FitOptions:
     and spread unless ``standardize`` is False.
 
     ``blas_threads`` caps BLAS threads while fitting (None leaves them alone): the products here are small,
-    and OpenBLAS threads competing with numba's or another process's made the demo 16x slower on 2 cores
-    and 6x slower on 16 (see benchmarks/README.md).
+    and waiting on BLAS thread hand-offs made fits 4 to 9 times slower on 2 cores (benchmarks/README.md).
     """
 
     l2: float = 3e-3
