@@ -14,6 +14,8 @@ from onnx import TensorProto, helper
 from probecore.errors import ModelError
 from probecore.source import LayerInfo
 
+from . import onnx_reduce
+
 ACTIVATION_OPS = {
     "Relu", "LeakyRelu", "PRelu", "Elu", "Selu", "Celu", "Sigmoid", "Tanh", "Gelu", "Softplus", "Softsign",
     "HardSigmoid", "HardSwish", "Mish", "ThresholdedRelu", "Clip",
@@ -120,16 +122,25 @@ def candidate_layers(model: onnx.ModelProto) -> list[LayerInfo]:
     return layers
 
 
-def with_outputs(model: onnx.ModelProto, names: list[str]) -> bytes:
-    """A serialized copy of ``model`` whose graph outputs also include ``names``."""
+def with_outputs(model: onnx.ModelProto, names: list[str], reductions: dict | None = None) -> bytes:
+    """A serialized copy of ``model`` whose graph outputs also include ``names`` as they are, and each layer of
+    ``reductions`` reduced in the graph (see ``onnx_reduce``). The caller's model is not changed."""
     exposed = onnx.ModelProto()
     exposed.CopyFrom(model)
-    present = {value.name for value in exposed.graph.output}
-    typed = {value.name: value for value in exposed.graph.value_info}
+    graph = exposed.graph
+    present = {value.name for value in graph.output}
+    typed = {value.name: value for value in [*graph.value_info, *graph.input, *graph.output]}
     for name in names:
-        if name in present:
-            continue
-        exposed.graph.output.append(typed.get(name) or onnx.ValueInfoProto(name=name))
+        if name not in present:
+            graph.output.append(typed.get(name) or onnx.ValueInfoProto(name=name))
+            present.add(name)
+    batch_dim = (tensor_dims(model_input(model)) or ("N",))[0] or "N"
+    for layer, reduction in (reductions or {}).items():
+        nodes, initializers = onnx_reduce.reduction_nodes(layer, reduction, typed.get(layer))
+        graph.node.extend(nodes)
+        graph.initializer.extend(initializers)
+        width = reduction.n_features_out
+        graph.output.append(helper.make_tensor_value_info(onnx_reduce.reduced_name(layer), TensorProto.FLOAT, [batch_dim, width]))
     return exposed.SerializeToString()
 
 

@@ -9,15 +9,16 @@ import contextlib
 import functools
 import hashlib
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
 
 from probecore.errors import DataError, ModelError
+from probecore.reduction import Reduction
 from probecore.source import LayerInfo
 
-from . import onnx_graph
+from . import onnx_graph, onnx_reduce
 
 DEVICES = ("auto", "cpu", "cuda")
 CUDA = "CUDAExecutionProvider"
@@ -27,7 +28,7 @@ CPU = "CPUExecutionProvider"
 class OnnxSource:
     """Activations of an ONNX model's tensors, computed by onnxruntime in batches."""
 
-    def __init__(self, path: str | Path, device: str = "auto"):
+    def __init__(self, path: str | Path, device: str = "auto", reduce_in_graph: bool = True):
         if device not in DEVICES:
             raise ModelError(f"device must be one of {', '.join(DEVICES)}, got {device!r}")
         self.path = Path(path)
@@ -36,9 +37,11 @@ class OnnxSource:
         self._input = onnx_graph.model_input(self.model)
         self._input_dims = onnx_graph.tensor_dims(self._input)
         self._layers = onnx_graph.candidate_layers(self.model)
+        self.reduce_in_graph = reduce_in_graph and onnx_reduce.default_opset(self.model) >= onnx_reduce.MIN_OPSET
         self._session = None
-        self._session_outputs: tuple[str, ...] | None = None
+        self._session_key = None
         self.provider: str | None = None
+        self.bytes_fetched = 0  # bytes copied out of onnxruntime, to show what in-graph reduction saves
 
     @property
     def input_name(self) -> str:
@@ -72,8 +75,27 @@ class OnnxSource:
         return x
 
     def activations(self, x: np.ndarray, layer_names: Sequence[str], batch_size: int) -> Iterator[dict[str, np.ndarray]]:
-        computed = [name for name in layer_names if name != self.input_name]
-        session = self._session_for(computed)
+        return self._run(x, list(layer_names), {}, batch_size)
+
+    def can_reduce(self, reduction: Reduction) -> bool:
+        return self.reduce_in_graph
+
+    def reduced_activations(
+        self, x: np.ndarray, reductions: Mapping[str, Reduction], batch_size: int, raw_names: Sequence[str] = ()
+    ) -> Iterator[dict[str, np.ndarray]]:
+        # Layers that need no pooling or subset leave the graph whole; reshaping them on the host is free.
+        in_graph = {name: r for name, r in reductions.items() if r.pool is not None or r.subset is not None}
+        whole = [name for name in reductions if name not in in_graph]
+        for batch in self._run(x, [*whole, *raw_names], in_graph, batch_size):
+            for name in whole:
+                batch[name] = reductions[name].apply(batch[name])
+            yield batch
+
+    def _run(self, x, names: list[str], reductions: Mapping[str, Reduction], batch_size: int):
+        """Feed ``x`` in batches; yield the tensors ``names`` as they are and each of ``reductions`` reduced."""
+        computed = [name for name in names if name != self.input_name]
+        fetched = computed + [onnx_reduce.reduced_name(name) for name in reductions]
+        session = self._session_for(computed, reductions)
         fixed_batch = self._input_dims[0] if self._input_dims and isinstance(self._input_dims[0], int) else 0
         step = fixed_batch if fixed_batch > 0 else batch_size
         for start in range(0, len(x), step):
@@ -82,13 +104,16 @@ class OnnxSource:
             if fixed_batch > 0 and len(chunk) < fixed_batch:  # a model exported with a fixed batch size
                 fed = np.concatenate([chunk, np.repeat(chunk[-1:], fixed_batch - len(chunk), axis=0)])
             try:
-                values = session.run(computed, {self.input_name: fed}) if computed else []
+                values = session.run(fetched, {self.input_name: fed}) if fetched else []
             except Exception as exc:
                 raise ModelError(
                     f"onnxruntime failed on samples {start}..{start + len(chunk) - 1}: {onnx_graph._first_line(exc)}"
                 ) from None
-            batch = {name: value[: len(chunk)] for name, value in zip(computed, values)}
-            if self.input_name in layer_names:
+            self.bytes_fetched += sum(value.nbytes for value in values)
+            outputs = dict(zip(fetched, values))
+            batch = {name: outputs[name][: len(chunk)] for name in computed}
+            batch.update({name: outputs[onnx_reduce.reduced_name(name)][: len(chunk)] for name in reductions})
+            if self.input_name in names:
                 batch[self.input_name] = chunk
             yield batch
 
@@ -99,13 +124,16 @@ class OnnxSource:
             "input": self.input_name,
             "device": self.device,
             "provider": self.provider,
+            "reduce_in_graph": self.reduce_in_graph,
+            "bytes_fetched": self.bytes_fetched,
         }
 
-    def _session_for(self, outputs: list[str]):
-        key = tuple(sorted(outputs))
-        if self._session is None or self._session_outputs != key:
-            self._session, self.provider = create_session(onnx_graph.with_outputs(self.model, outputs), self.device)
-            self._session_outputs = key
+    def _session_for(self, outputs: list[str], reductions: Mapping[str, Reduction]):
+        key = (tuple(sorted(outputs)), tuple((name, r.describe(), r.sample_shape) for name, r in sorted(reductions.items())))
+        if self._session is None or self._session_key != key:
+            exposed = onnx_graph.with_outputs(self.model, outputs, dict(reductions))
+            self._session, self.provider = create_session(exposed, self.device)
+            self._session_key = key
         return self._session
 
 

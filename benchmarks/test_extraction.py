@@ -2,9 +2,12 @@
 
 - plain: an onnxruntime ``InferenceSession`` (CPUExecutionProvider, default session options) on the
   unmodified model, batches of 256, fetching only the model's output;
-- probecore: ``OnnxSource(model, device="cpu").activations(x, <default layers>, 256)`` with every batch of
-  every layer reduced by its planned ``Reduction.apply`` and the reduced batches concatenated per layer at
-  the end: the work ``probecore.run_probes`` does in its extraction phase.
+- probecore, ``in_graph``: ``OnnxSource(model, device="cpu").reduced_activations(x, <planned reductions>,
+  256)``, the planned pooling and subsets appended to the ONNX graph so only reduced features leave
+  onnxruntime (what ``probecore.run_probes`` does for ONNX models);
+- probecore, ``host``: ``OnnxSource(..., reduce_in_graph=False).activations(...)`` with every batch of every
+  layer reduced on the host by ``Reduction.apply`` (the numba kernels; what other sources get).
+  Reduced batches are concatenated per layer at the end in both.
 
 Two models: the bundled MNIST convnet over all 5000 bundled digits, and a larger synthetic convnet built
 here with ``onnx.helper`` (four conv+relu stages at 64x64, 32-64 channels, random weights, dynamic batch)
@@ -91,11 +94,12 @@ def _plain_session(path):
 
 
 @pytest.mark.benchmark(group="extraction")
+@pytest.mark.parametrize("reduce", ["in_graph", "host"])
 @pytest.mark.parametrize("model", ["bundled-mnist-convnet", "synthetic-convnet-64px"])
-def test_extraction_vs_forward(model, models, paired, record):
+def test_extraction_vs_forward(model, reduce, models, paired, record):
     path, x, rounds = models[model]
     session, input_name, output_name = _plain_session(path)
-    source = OnnxSource(path, device="cpu")
+    source = OnnxSource(path, device="cpu", reduce_in_graph=reduce == "in_graph")
     x = source.check_inputs(x)
     layer_names = [layer.name for layer in source.layers() if layer.default]
     assert output_name in layer_names
@@ -105,6 +109,7 @@ def test_extraction_vs_forward(model, models, paired, record):
         for layer in source.layers()
         if layer.default and layer.n_features
     }
+    assert reduce == "host" or set(reductions) == set(layer_names)  # in-graph needs every shape known
 
     def forward():
         starts = range(0, len(x), BATCH_SIZE)
@@ -112,6 +117,11 @@ def test_extraction_vs_forward(model, models, paired, record):
 
     def extract(inputs=x):
         parts = {name: [] for name in layer_names}
+        if reduce == "in_graph":
+            for batch in source.reduced_activations(inputs, reductions, BATCH_SIZE):
+                for name in layer_names:
+                    parts[name].append(batch[name])
+            return {name: np.concatenate(batches) for name, batches in parts.items()}
         for batch in source.activations(inputs, layer_names, BATCH_SIZE):
             for name in layer_names:
                 activation = batch[name]

@@ -20,7 +20,7 @@ from .probe import FitOptions, Probe, fit_probe
 from .reduction import Reduction, ReductionPolicy, plan_reduction
 from .report import LayerResult, ProbeReport
 from .softmax import SplitMetrics
-from .source import ActivationSource, ArraySource, LayerInfo
+from .source import ActivationSource, ArraySource, LayerInfo, ReducingSource
 
 __version__ = "0.1.0"
 
@@ -40,6 +40,7 @@ __all__ = [
     "ProbeReport",
     "Reduction",
     "ReductionError",
+    "ReducingSource",
     "ReductionPolicy",
     "Split",
     "SplitMetrics",

@@ -16,7 +16,7 @@ from .probe import FitOptions, fit_probe
 from .reduction import Reduction, ReductionPolicy, plan_reduction
 from .report import LayerResult, ProbeReport
 from .softmax import SplitMetrics
-from .source import ActivationSource, LayerInfo
+from .source import ActivationSource, LayerInfo, ReducingSource
 
 # progress(stage, completed, total, detail): stage is "extract" (samples) or "fit" (layers).
 ProgressCallback = Callable[[str, int, int, str], None]
@@ -31,6 +31,7 @@ class ExtractedFeatures:
     reductions: dict[str, Reduction]
     model_output: str | None = None  # the model output that scores the same classes, if any
     model_test_scores: np.ndarray | None = None  # (N_test, C) from that output
+    reduced_by_source: bool = False  # True when the source reduced the layers itself (e.g. in the ONNX graph)
 
 
 def run_probes(
@@ -73,6 +74,7 @@ def run_probes(
         "reduction": {**vars(policy)},
         "fit": {**vars(fit)},
         "batch_size": batch_size,
+        "reduced_by_source": extracted.reduced_by_source,
         "seconds": {"extract": round(extract_seconds, 3), "total": round(time.perf_counter() - started, 3)},
         "versions": {"python": platform.python_version(), **_package_versions()},
     }
@@ -107,19 +109,27 @@ def extract_features(
     by_layer = {name: {} for name in names}
     model_test_scores = None
     total_samples, done = sum(len(x) for x in inputs.values()), 0
+    # A source that reduces by itself (in the model's graph, on its device) ships only reduced features.
+    by_source = isinstance(source, ReducingSource) and all(
+        name in reductions and source.can_reduce(reductions[name]) for name in names
+    )
     for split_name, x in inputs.items():
-        wanted = list(names)
         score_output = model_output is not None and split_name == "test"
-        if score_output and model_output.name not in wanted:
-            wanted.append(model_output.name)
+        extra = [model_output.name] if score_output and model_output.name not in names else []
+        if by_source:
+            stream = source.reduced_activations(x, {name: reductions[name] for name in names}, batch_size, extra)
+        else:
+            stream = source.activations(x, [*names, *extra], batch_size)
         parts_by_layer = {name: [] for name in names}
         score_parts = []
-        for batch in source.activations(x, wanted, batch_size):
+        for batch in stream:
             for name in names:
-                activation = batch[name]
-                if name not in reductions:  # shape known only now
-                    reductions[name] = plan_reduction(name, activation.shape[1:], policy)
-                parts_by_layer[name].append(reductions[name].apply(activation))
+                values = batch[name]
+                if not by_source:
+                    if name not in reductions:  # shape known only now
+                        reductions[name] = plan_reduction(name, values.shape[1:], policy)
+                    values = reductions[name].apply(values)
+                parts_by_layer[name].append(values)
             n_batch = len(next(iter(batch.values())))
             if score_output:
                 score_parts.append(np.asarray(batch[model_output.name], np.float32).reshape(n_batch, -1))
@@ -130,7 +140,7 @@ def extract_features(
         if score_parts:
             model_test_scores = np.concatenate(score_parts)
     output_name = None if model_output is None else model_output.name
-    return ExtractedFeatures(by_layer, reductions, output_name, model_test_scores)
+    return ExtractedFeatures(by_layer, reductions, output_name, model_test_scores, by_source)
 
 
 def _output_predicting(available: Sequence[LayerInfo], classes: np.ndarray) -> LayerInfo | None:

@@ -7,13 +7,14 @@ is one implementation, ``ArraySource`` another for activations computed elsewher
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 import numpy as np
 
 from .errors import DataError, LayerSelectionError
+from .reduction import Reduction
 
 
 @dataclass(frozen=True)
@@ -51,6 +52,22 @@ class ActivationSource(Protocol):
 
     def describe(self) -> dict:
         """Facts worth recording in a report (model file and hash, execution provider, ...)."""
+        ...
+
+
+@runtime_checkable
+class ReducingSource(ActivationSource, Protocol):
+    """A source that can apply planned reductions itself, e.g. inside the model's graph on the model's device,
+    so that only reduced features reach the host. The features must equal ``Reduction.apply``'s."""
+
+    def can_reduce(self, reduction: Reduction) -> bool:
+        ...
+
+    def reduced_activations(
+        self, x: np.ndarray, reductions: Mapping[str, Reduction], batch_size: int, raw_names: Sequence[str] = ()
+    ) -> Iterator[dict[str, np.ndarray]]:
+        """Like ``activations``, but each layer of ``reductions`` comes reduced, (B, n_features_out) float32;
+        ``raw_names`` come as they are."""
         ...
 
 
