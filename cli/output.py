@@ -8,8 +8,9 @@ import sys
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeRemainingColumn
 from rich.table import Table
+from rich.text import Text
 
 from probecore.errors import ProbeError
 from probecore.report import ProbeReport
@@ -35,23 +36,30 @@ def user_errors():
         raise typer.Exit(130) from None
 
 
+class RateColumn(ProgressColumn):
+    """Items per second, e.g. ``812 samples/s``; rich's own speed column counts bytes."""
+
+    def render(self, task) -> Text:
+        return Text(f"{task.speed:,.0f} {task.fields['unit']}/s" if task.speed else "", style="progress.data.speed")
+
+
 @contextlib.contextmanager
 def progress_bars(quiet: bool):
     """A ``progress(stage, done, total, detail)`` callback drawing rich bars, silent when quiet or not a TTY."""
     if quiet or not sys.stdout.isatty():
         yield None
         return
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), RateColumn(), TimeRemainingColumn())
+    labels = {"extract": ("extracting activations", "samples"), "fit": ("fitting probes", "layers")}
     with Progress(*columns, console=console, transient=True) as bars:
         tasks = {}
 
         def progress(stage: str, done: int, total: int, detail: str) -> None:
+            label, unit = labels[stage]
             if stage not in tasks:
-                label = "extracting activations" if stage == "extract" else "fitting probes"
-                tasks[stage] = bars.add_task(label, total=total)
-            suffix = f" [{detail}]" if detail else ""
-            label = ("extracting activations" if stage == "extract" else "fitting probes") + suffix
-            bars.update(tasks[stage], completed=done, total=total, description=label)
+                tasks[stage] = bars.add_task(label, total=total, unit=unit)
+            description = f"{label} [{detail}]" if detail else label
+            bars.update(tasks[stage], completed=done, total=total, description=description)
 
         yield progress
 
