@@ -34,6 +34,7 @@ class OnnxSource:
         self.path = Path(path)
         self.device = device
         self.model = onnx_graph.load_model(self.path)
+        self.model_sha256 = hashlib.sha256(self.path.read_bytes()).hexdigest()
         self._input = onnx_graph.model_input(self.model)
         self._input_dims = onnx_graph.tensor_dims(self._input)
         self._layers = onnx_graph.candidate_layers(self.model)
@@ -117,10 +118,13 @@ class OnnxSource:
                 batch[self.input_name] = chunk
             yield batch
 
+    def identity(self) -> dict:
+        return {"model_sha256": self.model_sha256, "input": self.input_name}
+
     def describe(self) -> dict:
         return {
             "model": str(self.path),
-            "model_sha256": hashlib.sha256(self.path.read_bytes()).hexdigest(),
+            "model_sha256": self.model_sha256,
             "input": self.input_name,
             "device": self.device,
             "provider": self.provider,

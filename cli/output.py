@@ -32,7 +32,10 @@ def user_errors():
         error_console.print(f"error: {exc}", markup=False)
         raise typer.Exit(1) from None
     except KeyboardInterrupt:
-        error_console.print("interrupted; nothing was written", markup=False)
+        error_console.print(
+            "interrupted; no results were written (features already extracted stay in the cache for the next run)",
+            markup=False,
+        )
         raise typer.Exit(130) from None
 
 
@@ -103,5 +106,8 @@ def print_summary(report: ProbeReport) -> None:
     if provider:
         line += f", onnxruntime provider: {provider}"
     console.print(line)
+    cache = report.settings.get("cache")
+    if cache and cache["splits_from_cache"]:
+        console.print(f"features of {cache['splits_from_cache']} of 3 splits read from the cache in {cache['dir']}")
     if report.model_test is not None:
         console.print(f"model's own test error ({report.model_output}): {_percent(report.model_test.error)}%")

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import typer
 
+from probecore.feature_cache import FeatureCache
 from probecore.probe import FitOptions
 from probecore.reduction import ReductionPolicy
 
@@ -37,6 +39,12 @@ def run_command(
     valid_fraction: float = typer.Option(0.1, help="Share of the samples held out for early stopping (x/y data)."),
     test_fraction: float = typer.Option(0.2, help="Share of the samples held out for testing (x/y data)."),
     device: str = typer.Option("auto", help="auto (CUDA when it works), cpu, or cuda."),
+    cache_dir: Path = typer.Option(
+        None, "--cache-dir", help="Where extracted features are kept for later runs "
+        "[default: $PROBECORE_CACHE_DIR or ~/.cache/probecore].", show_default=False,
+    ),
+    no_cache: bool = typer.Option(False, "--no-cache", help="Keep features in memory only; reuse nothing."),
+    cache_float16: bool = typer.Option(False, "--cache-float16", help="Store cached features as float16 (half the disk)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars and no table."),
     as_json: bool = typer.Option(False, "--json", help="Print report.json to stdout instead of the table."),
 ) -> None:
@@ -49,9 +57,11 @@ def run_command(
             max_features=max_features, pool=pool, global_pool=global_pool, channels_last=channels_last,
             enabled=not no_reduce, seed=seed,
         )  # fmt: skip
+        cache = None if no_cache else FeatureCache(cache_dir or default_cache_dir(), "float16" if cache_float16 else "float32")
         probe_and_write(
             model, data, out, layers=layers, policy=policy, fit=FitOptions(l2=l2), batch_size=batch_size,
-            seed=seed, fractions=(valid_fraction, test_fraction), device=device, quiet=quiet, as_json=as_json,
+            seed=seed, fractions=(valid_fraction, test_fraction), device=device, cache=cache, quiet=quiet,
+            as_json=as_json,
         )  # fmt: skip
 
 
@@ -66,13 +76,20 @@ def demo_command(
     from probecore.bundled import DEMO_DATA, DEMO_MODEL
 
     with user_errors():
-        probe_and_write(DEMO_MODEL, DEMO_DATA, out, quiet=quiet)
+        probe_and_write(DEMO_MODEL, DEMO_DATA, out, cache=FeatureCache(default_cache_dir()), quiet=quiet)
+
+
+def default_cache_dir() -> Path:
+    """$PROBECORE_CACHE_DIR, else probecore/ under the user's cache directory ($XDG_CACHE_HOME or ~/.cache)."""
+    if os.environ.get("PROBECORE_CACHE_DIR"):
+        return Path(os.environ["PROBECORE_CACHE_DIR"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "probecore"
 
 
 def probe_and_write(
     model: Path, data: Path, out: Path, *, layers: str | None = None, policy: ReductionPolicy = POLICY,
     fit: FitOptions = FIT, batch_size: int = 256, seed: int = 0, fractions: tuple[float, float] = (0.1, 0.2),
-    device: str = "auto", quiet: bool = False, as_json: bool = False,
+    device: str = "auto", cache: FeatureCache | None = None, quiet: bool = False, as_json: bool = False,
 ) -> None:  # fmt: skip
     """Load, probe, write the results, then show them; nothing is written unless everything succeeded."""
     import probecore
@@ -82,7 +99,7 @@ def probe_and_write(
     dataset = probecore.load_dataset(data, *fractions, seed=seed)
     entries = probecore.parse_layer_spec(layers) if layers else None
     with progress_bars(quiet or as_json) as progress:
-        report = probecore.run_probes(source, dataset, entries, policy, fit, batch_size, progress)
+        report = probecore.run_probes(source, dataset, entries, policy, fit, batch_size, progress, cache)
     report.settings.update({"data": str(data), "seed": seed})
     report.write(out)
     if as_json:

@@ -13,7 +13,8 @@ ONNX files, ``ArraySource`` for activations you already have).
 """
 
 from .datasets import Dataset, Split, load_dataset, split_dataset
-from .errors import DataError, LayerSelectionError, ModelError, ProbeError, ReductionError
+from .errors import CacheError, DataError, LayerSelectionError, ModelError, ProbeError, ReductionError
+from .feature_cache import FeatureCache
 from .layers import parse_layer_spec, select_layers
 from .pipeline import ExtractedFeatures, extract_features, run_probes
 from .probe import FitOptions, Probe, fit_probe
@@ -27,9 +28,11 @@ __version__ = "0.1.0"
 __all__ = [
     "ActivationSource",
     "ArraySource",
+    "CacheError",
     "DataError",
     "Dataset",
     "ExtractedFeatures",
+    "FeatureCache",
     "FitOptions",
     "LayerInfo",
     "LayerResult",

@@ -23,3 +23,7 @@ class DataError(ProbeError):
 
 class ReductionError(ProbeError):
     """A layer cannot be reduced as asked (e.g. too large with reduction disabled)."""
+
+
+class CacheError(ProbeError):
+    """The feature cache cannot be used as asked (busy, out of space, unsupported setting)."""

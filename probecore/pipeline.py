@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import platform
 import time
 from collections.abc import Callable, Sequence
@@ -10,7 +11,8 @@ from importlib import metadata
 
 import numpy as np
 
-from .datasets import Dataset
+from .datasets import Dataset, fingerprint
+from .feature_cache import FeatureCache
 from .layers import select_layers
 from .probe import FitOptions, fit_probe
 from .reduction import Reduction, ReductionPolicy, plan_reduction
@@ -32,6 +34,7 @@ class ExtractedFeatures:
     model_output: str | None = None  # the model output that scores the same classes, if any
     model_test_scores: np.ndarray | None = None  # (N_test, C) from that output
     reduced_by_source: bool = False  # True when the source reduced the layers itself (e.g. in the ONNX graph)
+    splits_from_cache: int = 0  # splits read whole from the feature cache, with no forward pass
 
 
 def run_probes(
@@ -42,16 +45,18 @@ def run_probes(
     fit: FitOptions = FitOptions(),
     batch_size: int = 256,
     progress: ProgressCallback | None = None,
+    cache: FeatureCache | None = None,
 ) -> ProbeReport:
     """Fit one probe per chosen layer of ``source`` on ``dataset`` and measure it on every split.
 
     ``layers`` takes entries as ``select_layers`` does (names, globs, ``op:Type``); None probes the source's
-    default layers. Activations are reduced as they arrive, so only reduced features are ever held whole.
+    default layers. Activations are reduced as they arrive, so only reduced features are ever held whole;
+    with a ``cache`` they are kept on disk and reused by later runs (see ``extract_features``).
     """
     started = time.perf_counter()
     progress = progress or (lambda *args: None)
     chosen = select_layers(source.layers(), layers)
-    extracted = extract_features(source, dataset, chosen, policy, batch_size, progress)
+    extracted = extract_features(source, dataset, chosen, policy, batch_size, progress, cache)
     extract_seconds = time.perf_counter() - started
 
     results = []
@@ -75,6 +80,9 @@ def run_probes(
         "fit": {**vars(fit)},
         "batch_size": batch_size,
         "reduced_by_source": extracted.reduced_by_source,
+        "cache": None
+        if cache is None
+        else {"dir": str(cache.root), "storage": cache.storage_dtype, "splits_from_cache": extracted.splits_from_cache},
         "seconds": {"extract": round(extract_seconds, 3), "total": round(time.perf_counter() - started, 3)},
         "versions": {"python": platform.python_version(), **_package_versions()},
     }
@@ -95,52 +103,123 @@ def extract_features(
     policy: ReductionPolicy = ReductionPolicy(),
     batch_size: int = 256,
     progress: ProgressCallback | None = None,
+    cache: FeatureCache | None = None,
 ) -> ExtractedFeatures:
     """Run ``source`` over every split, reducing each batch of each layer as it arrives.
 
     Every input is checked before the first forward pass, and layers of known shape get their reduction
-    planned up front, so mistakes surface before any work is done.
+    planned up front, so mistakes surface before any work is done. With a ``cache``, each split's features
+    go to disk batch by batch (memory stays flat in the number of samples), a split already cached runs no
+    forward pass, and an interrupted split resumes from its last completed batch.
     """
     progress = progress or (lambda *args: None)
     inputs = {name: source.check_inputs(split.x) for name, split in dataset.splits().items()}
     reductions = {layer.name: plan_reduction(layer.name, layer.shape, policy) for layer in layers if layer.n_features}
     model_output = _output_predicting(source.layers(), dataset.classes)
     names = [layer.name for layer in layers]
-    by_layer = {name: {} for name in names}
-    model_test_scores = None
-    total_samples, done = sum(len(x) for x in inputs.values()), 0
     # A source that reduces by itself (in the model's graph, on its device) ships only reduced features.
     by_source = isinstance(source, ReducingSource) and all(
         name in reductions and source.can_reduce(reductions[name]) for name in names
     )
+    identity = source.identity() if cache is not None else None
+    cacheable = identity is not None and all(name in reductions for name in names)
+    extracted = ExtractedFeatures({name: {} for name in names}, reductions, reduced_by_source=by_source)
+    total_samples, done = sum(len(x) for x in inputs.values()), 0
     for split_name, x in inputs.items():
-        score_output = model_output is not None and split_name == "test"
-        extra = [model_output.name] if score_output and model_output.name not in names else []
+        scores = model_output if split_name == "test" else None
+        batches = _reduced_batches(source, names, reductions, scores, by_source, policy, batch_size)
+
+        def report(n_done: int, split_name=split_name, offset=done) -> None:
+            progress("extract", offset + n_done, total_samples, split_name)
+
+        if cacheable:
+            key = _cache_key(identity, x, names, reductions, scores)
+            arrays, from_cache = _through_cache(cache, key, x, batches, report)
+            extracted.splits_from_cache += from_cache
+        else:
+            arrays = _in_memory(x, batches, report)
+        done += len(x)
+        for name in names:
+            extracted.by_layer[name][split_name] = arrays[name]
+        if scores is not None:
+            extracted.model_output, extracted.model_test_scores = scores.name, np.asarray(arrays[SCORES], np.float32)
+    return extracted
+
+
+SCORES = "::model_output"  # the model's own output, stored beside the layers for the test split
+
+
+def _reduced_batches(source, names, reductions, scores, by_source, policy, batch_size):
+    """A function of inputs ``x`` yielding, per batch, every layer's reduced (B, k) float32 features."""
+    extra = [scores.name] if scores is not None and scores.name not in names else []
+
+    def run(x):
         if by_source:
             stream = source.reduced_activations(x, {name: reductions[name] for name in names}, batch_size, extra)
         else:
             stream = source.activations(x, [*names, *extra], batch_size)
-        parts_by_layer = {name: [] for name in names}
-        score_parts = []
         for batch in stream:
+            reduced = {}
             for name in names:
                 values = batch[name]
                 if not by_source:
                     if name not in reductions:  # shape known only now
                         reductions[name] = plan_reduction(name, values.shape[1:], policy)
                     values = reductions[name].apply(values)
-                parts_by_layer[name].append(values)
-            n_batch = len(next(iter(batch.values())))
-            if score_output:
-                score_parts.append(np.asarray(batch[model_output.name], np.float32).reshape(n_batch, -1))
-            done += n_batch
-            progress("extract", done, total_samples, split_name)
-        for name, parts in parts_by_layer.items():
-            by_layer[name][split_name] = np.concatenate(parts)
-        if score_parts:
-            model_test_scores = np.concatenate(score_parts)
-    output_name = None if model_output is None else model_output.name
-    return ExtractedFeatures(by_layer, reductions, output_name, model_test_scores, by_source)
+                reduced[name] = values
+            if scores is not None:
+                n_batch = len(reduced[names[0]])
+                reduced[SCORES] = np.asarray(batch[scores.name], np.float32).reshape(n_batch, -1)
+            yield reduced
+
+    return run
+
+
+def _in_memory(x, batches, report) -> dict[str, np.ndarray]:
+    parts: dict[str, list] = {}
+    n_done = 0
+    for batch in batches(x):
+        for name, values in batch.items():
+            parts.setdefault(name, []).append(values)
+        n_done += len(next(iter(batch.values())))
+        report(n_done)
+    return {name: np.concatenate(values) for name, values in parts.items()}
+
+
+def _through_cache(cache: FeatureCache, key: dict, x, batches, report) -> tuple[dict[str, np.ndarray], bool]:
+    """Fill the cache entry for ``key`` from where it stopped (if it is not complete), then read it."""
+    widths = {name: int(width) for name, width in key["widths"].items()}
+    with cache.open(key, len(x), widths) as entry:
+        from_cache = entry.complete
+        start = entry.completed
+        report(start)
+        if not entry.complete:
+            for batch in batches(_rows_from(x, start)):
+                entry.write(start, batch)
+                start += len(next(iter(batch.values())))
+                report(start)
+        return entry.read(), from_cache
+
+
+def _cache_key(identity: dict, x, names, reductions, scores) -> dict:
+    """Everything that fixes a split's features: model, inputs (and their preprocessing), reductions."""
+    layers = {}
+    for name in names:
+        reduction = reductions[name]
+        subset = None if reduction.subset is None else hashlib.sha256(reduction.subset.tobytes()).hexdigest()
+        layers[name] = {**reduction.to_dict(), "sample_shape": list(reduction.sample_shape), "subset_sha256": subset}
+    widths = {name: reductions[name].n_features_out for name in names}
+    if scores is not None:
+        widths[SCORES] = scores.n_features
+    data = x.fingerprint() if hasattr(x, "fingerprint") else fingerprint(x)
+    return {"format": 1, "source": identity, "data": data, "layers": layers, "widths": widths}
+
+
+def _rows_from(x, start: int):
+    """``x`` from row ``start`` on, without loading anything for lazy inputs (which offer ``subset``)."""
+    if start == 0:
+        return x
+    return x.subset(np.arange(start, len(x))) if hasattr(x, "subset") else x[start:]
 
 
 def _output_predicting(available: Sequence[LayerInfo], classes: np.ndarray) -> LayerInfo | None:

@@ -54,6 +54,10 @@ class ActivationSource(Protocol):
         """Facts worth recording in a report (model file and hash, execution provider, ...)."""
         ...
 
+    def identity(self) -> dict | None:
+        """What fixes the activations (e.g. the model file's hash), for cache keys; None: do not cache."""
+        ...
+
 
 @runtime_checkable
 class ReducingSource(ActivationSource, Protocol):
@@ -105,3 +109,6 @@ class ArraySource:
 
     def describe(self) -> dict:
         return {"source": "arrays", "layers": len(self._arrays)}
+
+    def identity(self) -> None:
+        return None  # the activations are in memory already: nothing to gain from a cache

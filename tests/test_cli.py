@@ -142,3 +142,16 @@ def test_console_script_runs_the_demo_and_reports_errors_on_stderr(tmp_path):
 def test_module_entry_point_matches_console_script():
     result = subprocess.run([sys.executable, "-m", "probecore.cli", "--help"], capture_output=True, text=True)
     assert result.returncode == 0 and "probe" in result.stdout
+
+
+def test_a_second_run_reads_the_features_from_the_cache(tmp_path, demo_arrays):
+    data = small_npz(tmp_path / "data.npz", demo_arrays)
+    args = ["run", DEMO_MODEL, "--data", data, "--layers", "relu2,relu3", "--cache-dir", tmp_path / "cache", "--json"]
+    first = json.loads(invoke(*args, "--out", tmp_path / "a").stdout)
+    second = json.loads(invoke(*args, "--out", tmp_path / "b").stdout)
+    assert first["settings"]["cache"]["splits_from_cache"] == 0
+    assert second["settings"]["cache"]["splits_from_cache"] == 3
+    assert second["settings"]["source"]["bytes_fetched"] == 0
+    assert [layer["metrics"] for layer in first["layers"]] == [layer["metrics"] for layer in second["layers"]]
+    no_cache = json.loads(invoke(*args[:-3], "--no-cache", "--json", "--out", tmp_path / "c").stdout)
+    assert no_cache["settings"]["cache"] is None
