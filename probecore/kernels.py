@@ -1,6 +1,7 @@
 """numba kernels for the per-batch feature reductions.
 
-Short explicit loops, compiled once (``cache=True``) and parallel over samples. Input checking lives in
+Short explicit loops, compiled once (``cache=True``). Serial on purpose: these passes are memory-bound, and
+numba's parallel launch cost about 8 ms a call on a 2-core machine for no gain (benchmarks/README.md). Input checking lives in
 ``reduction.py``; these assume well-formed arrays. ``tests/reference.py`` holds the slow obvious versions
 they are tested against.
 """
@@ -9,7 +10,7 @@ import numba
 import numpy as np
 
 
-@numba.njit(parallel=True, cache=True)
+@numba.njit(cache=True)
 def pool2d(maps, window, use_max, out):
     """Pool (N, C, H, W) maps (any strides) in non-overlapping window x window tiles into ``out``.
 
@@ -18,7 +19,7 @@ def pool2d(maps, window, use_max, out):
     """
     n_samples, n_channels, height, width = maps.shape
     out_h, out_w = out.shape[2], out.shape[3]
-    for sample_channel in numba.prange(n_samples * n_channels):
+    for sample_channel in range(n_samples * n_channels):
         n = sample_channel // n_channels
         c = sample_channel % n_channels
         for i in range(out_h):
@@ -43,12 +44,12 @@ def pool2d(maps, window, use_max, out):
                     out[n, c, i, j] = total / ((h1 - h0) * (w1 - w0))
 
 
-@numba.njit(parallel=True, cache=True)
+@numba.njit(cache=True)
 def pool2d_channels_last(maps, window, use_max, out):
     """``pool2d`` for (N, H, W, C) maps, reading channels contiguously; ``out`` is (N, C, out_h, out_w)."""
     n_samples, height, width, n_channels = maps.shape
     out_h, out_w = out.shape[2], out.shape[3]
-    for sample_tile in numba.prange(n_samples * out_h):
+    for sample_tile in range(n_samples * out_h):
         n = sample_tile // out_h
         i = sample_tile % out_h
         h0 = i * window
@@ -72,11 +73,11 @@ def pool2d_channels_last(maps, window, use_max, out):
                 out[n, c, i, j] = acc[c] * scale
 
 
-@numba.njit(parallel=True, cache=True)
+@numba.njit(cache=True)
 def pool_sequence(seq, use_max, out):
     """Mean or max of (N, T, D) sequences over T into ``out`` (N, D)."""
     n_samples, length, width = seq.shape
-    for n in numba.prange(n_samples):
+    for n in range(n_samples):
         acc = np.full(width, -np.inf if use_max else 0.0)
         for t in range(length):
             for d in range(width):
@@ -91,9 +92,9 @@ def pool_sequence(seq, use_max, out):
             out[n, d] = acc[d] * scale
 
 
-@numba.njit(parallel=True, cache=True)
+@numba.njit(cache=True)
 def gather_columns(rows, columns, out):
     """Copy ``rows[:, columns]`` of an (N, F) array into ``out`` (N, K): the fixed random subset."""
-    for n in numba.prange(rows.shape[0]):
+    for n in range(rows.shape[0]):
         for k in range(columns.shape[0]):
             out[n, k] = rows[n, columns[k]]
