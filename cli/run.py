@@ -76,7 +76,7 @@ def demo_command(
     from probecore.bundled import DEMO_DATA, DEMO_MODEL
 
     with user_errors():
-        probe_and_write(DEMO_MODEL, DEMO_DATA, out, cache=FeatureCache(default_cache_dir()), quiet=quiet)
+        probe_and_write(DEMO_MODEL, DEMO_DATA, out, quiet=quiet)  # features in memory: the demo leaves no cache
 
 
 def default_cache_dir() -> Path:
