@@ -51,17 +51,27 @@ class OnnxSource:
     def layers(self) -> list[LayerInfo]:
         return list(self._layers)
 
+    @property
+    def input_dims(self) -> tuple | None:
+        """The model input's dimensions: sizes, symbolic names (the batch axis) or None where unknown."""
+        return self._input_dims
+
     def check_inputs(self, x: np.ndarray) -> np.ndarray:
-        x = np.asarray(x)
+        """Check dtype and per-sample shape; lazy inputs (an image folder) are checked without loading them
+        and cast batch by batch."""
+        lazy = not isinstance(x, np.ndarray) and hasattr(x, "shape") and hasattr(x, "dtype")
+        if not lazy:
+            x = np.asarray(x)
         expected = onnx_graph.numpy_dtype(self._input)
         if x.dtype != expected:
             castable = x.dtype.kind in "iub" and expected.kind in "iuf" or x.dtype.kind == expected.kind == "f"
             if not castable:
                 raise DataError(f"inputs have dtype {x.dtype}, but model input {self.input_name!r} takes {expected}")
-            x = x.astype(expected)
+            if not lazy:
+                x = x.astype(expected)
         if self._input_dims is not None:
             want = self._input_dims[1:]
-            fits = x.ndim == len(self._input_dims) and all(
+            fits = len(x.shape) == len(self._input_dims) and all(
                 not isinstance(w, int) or w <= 0 or w == got for w, got in zip(want, x.shape[1:])
             )
             if not fits:
@@ -70,7 +80,7 @@ class OnnxSource:
                     f"inputs have per-sample shape {tuple(x.shape[1:])}, but model input {self.input_name!r} "
                     f"expects ({shown}); reshape the data to fit"
                 )
-        if x.dtype.kind == "f" and not np.isfinite(x).all():
+        if not lazy and x.dtype.kind == "f" and not np.isfinite(x).all():
             bad = int((~np.isfinite(x.reshape(len(x), -1))).any(axis=1).sum())
             raise DataError(f"{bad} input samples contain NaN or Inf; remove or fix them")
         return x
@@ -99,8 +109,9 @@ class OnnxSource:
         session = self._session_for(computed, reductions)
         fixed_batch = self._input_dims[0] if self._input_dims and isinstance(self._input_dims[0], int) else 0
         step = fixed_batch if fixed_batch > 0 else batch_size
+        expected = onnx_graph.numpy_dtype(self._input)
         for start in range(0, len(x), step):
-            chunk = x[start : start + step]
+            chunk = np.asarray(x[start : start + step]).astype(expected, copy=False)  # lazy inputs load here
             fed = chunk
             if fixed_batch > 0 and len(chunk) < fixed_batch:  # a model exported with a fixed batch size
                 fed = np.concatenate([chunk, np.repeat(chunk[-1:], fixed_batch - len(chunk), axis=0)])

@@ -21,7 +21,8 @@ FIT = FitOptions()
 def run_command(
     model: Path = typer.Argument(..., help="The ONNX model file."),
     data: Path = typer.Option(
-        ..., "--data", help="A .npz file with x_train, y_train, x_test, y_test (x_valid, y_valid optional), or x, y."
+        ..., "--data", help="A .npz file with x_train, y_train, x_test, y_test (x_valid, y_valid optional), or x, y; "
+        "or an image folder with one subfolder per class.",
     ),
     out: Path = typer.Option(Path("results"), "--out", help="Directory for report.json and probes.csv."),
     layers: str = typer.Option(
@@ -45,6 +46,14 @@ def run_command(
     ),
     no_cache: bool = typer.Option(False, "--no-cache", help="Keep features in memory only; reuse nothing."),
     cache_float16: bool = typer.Option(False, "--cache-float16", help="Store cached features as float16 (half the disk)."),
+    image_size: int = typer.Option(
+        None, help="Image folders: crop size, when the model input does not fix it [default: 224].", show_default=False
+    ),
+    resize: int = typer.Option(None, help="Image folders: short side before the center crop [default: size*256/224].",
+                               show_default=False),
+    pixel_scale: float = typer.Option(1 / 255, help="Image folders: pixel values are multiplied by this first."),
+    pixel_mean: str = typer.Option("0", help="Image folders: subtracted after scaling, e.g. '0.485,0.456,0.406'."),
+    pixel_std: str = typer.Option("1", help="Image folders: divided by last, e.g. '0.229,0.224,0.225'."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars and no table."),
     as_json: bool = typer.Option(False, "--json", help="Print report.json to stdout instead of the table."),
 ) -> None:
@@ -58,10 +67,12 @@ def run_command(
             enabled=not no_reduce, seed=seed,
         )  # fmt: skip
         cache = None if no_cache else FeatureCache(cache_dir or default_cache_dir(), "float16" if cache_float16 else "float32")
+        images = {"size": image_size, "resize": resize, "scale": pixel_scale, "mean": _floats(pixel_mean, "--pixel-mean"),
+                  "std": _floats(pixel_std, "--pixel-std")}  # fmt: skip
         probe_and_write(
             model, data, out, layers=layers, policy=policy, fit=FitOptions(l2=l2), batch_size=batch_size,
-            seed=seed, fractions=(valid_fraction, test_fraction), device=device, cache=cache, quiet=quiet,
-            as_json=as_json,
+            seed=seed, fractions=(valid_fraction, test_fraction), device=device, cache=cache, images=images,
+            quiet=quiet, as_json=as_json,
         )  # fmt: skip
 
 
@@ -79,6 +90,38 @@ def demo_command(
         probe_and_write(DEMO_MODEL, DEMO_DATA, out, quiet=quiet)  # features in memory: the demo leaves no cache
 
 
+def image_preprocessing(source, size=None, resize=None, scale=1 / 255, mean=(0.0,), std=(1.0,)):
+    """Preprocessing that fits the model's image input: layout and channels from (N, C, H, W) or (N, H, W, C)."""
+    from probecore.errors import DataError
+    from probecore.images import ImagePreprocessing
+
+    dims = source.input_dims
+    if dims is None or len(dims) != 4 or not ({dims[1], dims[3]} & {1, 3}):
+        raise DataError(
+            f"an image folder needs a model whose input is images, (N, 3, H, W) or (N, H, W, 3); model input "
+            f"{source.input_name!r} is {dims}; pass a .npz file instead"
+        )
+    channels_last = dims[1] not in (1, 3)
+    channels = dims[3] if channels_last else dims[1]
+    height = dims[1] if channels_last else dims[2]
+    fixed = height if isinstance(height, int) and height > 0 else None
+    if size is not None and fixed is not None and size != fixed:
+        raise DataError(f"--image-size {size} does not fit model input {source.input_name!r}, which takes {fixed}")
+    return ImagePreprocessing(
+        size=size or fixed or 224, resize=resize, scale=scale, mean=mean, std=std, channels_last=channels_last,
+        grayscale=channels == 1,
+    )  # fmt: skip
+
+
+def _floats(text: str, option: str) -> tuple[float, ...]:
+    from probecore.errors import DataError
+
+    try:
+        return tuple(float(part) for part in text.split(","))
+    except ValueError:
+        raise DataError(f"{option} takes comma-separated numbers, e.g. 0.485,0.456,0.406; got {text!r}") from None
+
+
 def default_cache_dir() -> Path:
     """$PROBECORE_CACHE_DIR, else probecore/ under the user's cache directory ($XDG_CACHE_HOME or ~/.cache)."""
     if os.environ.get("PROBECORE_CACHE_DIR"):
@@ -89,18 +132,23 @@ def default_cache_dir() -> Path:
 def probe_and_write(
     model: Path, data: Path, out: Path, *, layers: str | None = None, policy: ReductionPolicy = POLICY,
     fit: FitOptions = FIT, batch_size: int = 256, seed: int = 0, fractions: tuple[float, float] = (0.1, 0.2),
-    device: str = "auto", cache: FeatureCache | None = None, quiet: bool = False, as_json: bool = False,
+    device: str = "auto", cache: FeatureCache | None = None, images: dict | None = None, quiet: bool = False,
+    as_json: bool = False,
 ) -> None:  # fmt: skip
     """Load, probe, write the results, then show them; nothing is written unless everything succeeded."""
     import probecore
     from probecore.backends.onnx_source import OnnxSource
 
     source = OnnxSource(model, device=device)
-    dataset = probecore.load_dataset(data, *fractions, seed=seed)
+    preprocessing = image_preprocessing(source, **(images or {})) if data.is_dir() else None
+    dataset = probecore.load_dataset(data, *fractions, seed=seed, preprocessing=preprocessing)
     entries = probecore.parse_layer_spec(layers) if layers else None
     with progress_bars(quiet or as_json) as progress:
         report = probecore.run_probes(source, dataset, entries, policy, fit, batch_size, progress, cache)
     report.settings.update({"data": str(data), "seed": seed})
+    if preprocessing is not None:
+        skipped = dataset.train.x.skipped
+        report.settings["images"] = {**preprocessing.describe(), "unreadable_skipped": [str(path) for path, _ in skipped]}
     report.write(out)
     if as_json:
         print(report.to_json())

@@ -1,6 +1,7 @@
 """Labelled inputs split three ways, from a .npz file or from arrays.
 
-A data file holds either ready splits (``x_train``/``y_train``, ``x_valid``/``y_valid``, ``x_test``/
+An image folder (one subfolder per class) is split the same way and read lazily, a batch at a time. A data
+file holds either ready splits (``x_train``/``y_train``, ``x_valid``/``y_valid``, ``x_test``/
 ``y_test``; the valid pair may be left out) or one pool ``x``/``y`` that is split here, stratified by label
 and seeded, so every run with the same seed sees the same samples.
 """
@@ -42,11 +43,19 @@ class Dataset:
         return {"train": self.train, "valid": self.valid, "test": self.test}
 
 
-def load_dataset(path: str | Path, valid_fraction: float = 0.1, test_fraction: float = 0.2, seed: int = 0) -> Dataset:
-    """Read a .npz data file (see the module docstring for its keys)."""
+def load_dataset(
+    path: str | Path, valid_fraction: float = 0.1, test_fraction: float = 0.2, seed: int = 0, preprocessing=None
+) -> Dataset:
+    """Read a .npz data file (see the module docstring for its keys), or an image folder with one subfolder per
+    class, read lazily batch by batch and preprocessed by ``preprocessing`` (an ``ImagePreprocessing``)."""
     path = Path(path)
+    if path.is_dir():
+        from .images import ImageFolder, ImagePreprocessing
+
+        folder = ImageFolder(path, preprocessing or ImagePreprocessing())
+        return split_dataset(folder, folder.labels, valid_fraction, test_fraction, seed, where=str(path))
     if not path.is_file():
-        raise DataError(f"data file not found: {path}; pass an existing .npz file with --data")
+        raise DataError(f"data file not found: {path}; pass an existing .npz file or image folder with --data")
     try:
         with np.load(path, allow_pickle=False) as archive:
             arrays = {key: archive[key] for key in archive.files}
