@@ -42,8 +42,8 @@ def load_model(path: str | Path) -> onnx.ModelProto:
         raise ModelError(
             f"{path} is not an ONNX model (it does not parse as one); export it with torch.onnx.export or tf2onnx"
         )
-    try:
-        onnx.checker.check_model(str(path))
+    try:  # the in-memory check avoids reading the file twice; the path form is needed above protobuf's 2 GB
+        onnx.checker.check_model(model if model.ByteSize() < 2**31 else str(path))
     except Exception as exc:
         raise ModelError(f"{path} is not a valid ONNX model: {_first_line(exc)}; re-export it") from None
     try:

@@ -161,6 +161,7 @@ def create_session(model_bytes: bytes, device: str = "auto"):
     options.log_severity_level = 4
     # Between runs onnxruntime's idle threads would spin, starving the numba reductions of the batch just out.
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options.enable_mem_pattern = False
     if device in ("auto", "cuda") and CUDA in ort.get_available_providers():
         _preload_cuda_libraries(ort)
         try:
