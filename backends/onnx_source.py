@@ -146,6 +146,7 @@ class OnnxSource:
     def _session_for(self, outputs: list[str], reductions: Mapping[str, Reduction]):
         key = (tuple(sorted(outputs)), tuple((name, r.describe(), r.sample_shape) for name, r in sorted(reductions.items())))
         if self._session is None or self._session_key != key:
+            self._session = None  # free the old session before building the next one
             exposed = onnx_graph.with_outputs(self.model, outputs, dict(reductions))
             self._session, self.provider = create_session(exposed, self.device)
             self._session_key = key

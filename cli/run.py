@@ -36,6 +36,10 @@ def run_command(
     no_reduce: bool = typer.Option(False, "--no-reduce", help="Probe every layer at full size."),
     l2: float = typer.Option(FIT.l2, help="L2 strength on the probe weights (next to the mean cross-entropy)."),
     batch_size: int = typer.Option(256, min=1, help="Samples per forward pass."),
+    layers_per_pass: int = typer.Option(
+        None, min=1, help="Expose at most this many layers per pass over the data (more passes, less memory).",
+        show_default=False,
+    ),
     seed: int = typer.Option(0, min=0, help="Seed for the data split and the random feature subsets."),
     valid_fraction: float = typer.Option(0.1, help="Share of the samples held out for early stopping (x/y data)."),
     test_fraction: float = typer.Option(0.2, help="Share of the samples held out for testing (x/y data)."),
@@ -72,7 +76,7 @@ def run_command(
         probe_and_write(
             model, data, out, layers=layers, policy=policy, fit=FitOptions(l2=l2), batch_size=batch_size,
             seed=seed, fractions=(valid_fraction, test_fraction), device=device, cache=cache, images=images,
-            quiet=quiet, as_json=as_json,
+            layers_per_pass=layers_per_pass, quiet=quiet, as_json=as_json,
         )  # fmt: skip
 
 
@@ -132,8 +136,8 @@ def default_cache_dir() -> Path:
 def probe_and_write(
     model: Path, data: Path, out: Path, *, layers: str | None = None, policy: ReductionPolicy = POLICY,
     fit: FitOptions = FIT, batch_size: int = 256, seed: int = 0, fractions: tuple[float, float] = (0.1, 0.2),
-    device: str = "auto", cache: FeatureCache | None = None, images: dict | None = None, quiet: bool = False,
-    as_json: bool = False,
+    device: str = "auto", cache: FeatureCache | None = None, images: dict | None = None,
+    layers_per_pass: int | None = None, quiet: bool = False, as_json: bool = False,
 ) -> None:  # fmt: skip
     """Load, probe, write the results, then show them; nothing is written unless everything succeeded."""
     import probecore
@@ -144,7 +148,9 @@ def probe_and_write(
     dataset = probecore.load_dataset(data, *fractions, seed=seed, preprocessing=preprocessing)
     entries = probecore.parse_layer_spec(layers) if layers else None
     with progress_bars(quiet or as_json) as progress:
-        report = probecore.run_probes(source, dataset, entries, policy, fit, batch_size, progress, cache)
+        report = probecore.run_probes(
+            source, dataset, entries, policy, fit, batch_size, progress, cache, layers_per_pass
+        )
     report.settings.update({"data": str(data), "seed": seed})
     if preprocessing is not None:
         skipped = dataset.train.x.skipped

@@ -15,6 +15,7 @@ from .datasets import Dataset, fingerprint
 from .feature_cache import FeatureCache
 from .layers import select_layers
 from .probe import FitOptions, fit_probe
+from .errors import ReductionError
 from .reduction import Reduction, ReductionPolicy, plan_reduction
 from .report import LayerResult, ProbeReport
 from .softmax import SplitMetrics
@@ -34,7 +35,7 @@ class ExtractedFeatures:
     model_output: str | None = None  # the model output that scores the same classes, if any
     model_test_scores: np.ndarray | None = None  # (N_test, C) from that output
     reduced_by_source: bool = False  # True when the source reduced the layers itself (e.g. in the ONNX graph)
-    splits_from_cache: int = 0  # splits read whole from the feature cache, with no forward pass
+    splits_from_cache: int = 0  # split entries (a split, or a split's group of layers) read whole from the cache
 
 
 def run_probes(
@@ -46,6 +47,7 @@ def run_probes(
     batch_size: int = 256,
     progress: ProgressCallback | None = None,
     cache: FeatureCache | None = None,
+    layers_per_pass: int | None = None,
 ) -> ProbeReport:
     """Fit one probe per chosen layer of ``source`` on ``dataset`` and measure it on every split.
 
@@ -56,7 +58,7 @@ def run_probes(
     started = time.perf_counter()
     progress = progress or (lambda *args: None)
     chosen = select_layers(source.layers(), layers)
-    extracted = extract_features(source, dataset, chosen, policy, batch_size, progress, cache)
+    extracted = extract_features(source, dataset, chosen, policy, batch_size, progress, cache, layers_per_pass)
     extract_seconds = time.perf_counter() - started
 
     results = []
@@ -79,6 +81,7 @@ def run_probes(
         "reduction": {**vars(policy)},
         "fit": {**vars(fit)},
         "batch_size": batch_size,
+        "layers_per_pass": layers_per_pass,
         "reduced_by_source": extracted.reduced_by_source,
         "cache": None
         if cache is None
@@ -104,14 +107,18 @@ def extract_features(
     batch_size: int = 256,
     progress: ProgressCallback | None = None,
     cache: FeatureCache | None = None,
+    layers_per_pass: int | None = None,
 ) -> ExtractedFeatures:
     """Run ``source`` over every split, reducing each batch of each layer as it arrives.
 
     Every input is checked before the first forward pass, and layers of known shape get their reduction
     planned up front, so mistakes surface before any work is done. With a ``cache``, each split's features
     go to disk batch by batch (memory stays flat in the number of samples), a split already cached runs no
-    forward pass, and an interrupted split resumes from its last completed batch.
+    forward pass, and an interrupted split resumes from its last completed batch. ``layers_per_pass``
+    exposes at most that many layers per forward pass (more passes, less memory per pass).
     """
+    if layers_per_pass is not None and layers_per_pass < 1:
+        raise ReductionError(f"layers_per_pass must be at least 1, got {layers_per_pass}")
     progress = progress or (lambda *args: None)
     inputs = {name: source.check_inputs(split.x) for name, split in dataset.splits().items()}
     reductions = {layer.name: plan_reduction(layer.name, layer.shape, policy) for layer in layers if layer.n_features}
@@ -124,25 +131,28 @@ def extract_features(
     identity = source.identity() if cache is not None else None
     cacheable = identity is not None and all(name in reductions for name in names)
     extracted = ExtractedFeatures({name: {} for name in names}, reductions, reduced_by_source=by_source)
-    total_samples, done = sum(len(x) for x in inputs.values()), 0
-    for split_name, x in inputs.items():
-        scores = model_output if split_name == "test" else None
-        batches = _reduced_batches(source, names, reductions, scores, by_source, policy, batch_size)
+    step = layers_per_pass or len(names)
+    groups = [names[start : start + step] for start in range(0, len(names), step)]
+    total_samples, done = len(groups) * sum(len(x) for x in inputs.values()), 0
+    for index, group in enumerate(groups):
+        for split_name, x in inputs.items():
+            scores = model_output if split_name == "test" and index == 0 else None
+            batches = _reduced_batches(source, group, reductions, scores, by_source, policy, batch_size)
 
-        def report(n_done: int, split_name=split_name, offset=done) -> None:
-            progress("extract", offset + n_done, total_samples, split_name)
+            def report(n_done: int, split_name=split_name, offset=done) -> None:
+                progress("extract", offset + n_done, total_samples, split_name)
 
-        if cacheable:
-            key = _cache_key(identity, x, names, reductions, scores)
-            arrays, from_cache = _through_cache(cache, key, x, batches, report)
-            extracted.splits_from_cache += from_cache
-        else:
-            arrays = _in_memory(x, batches, report)
-        done += len(x)
-        for name in names:
-            extracted.by_layer[name][split_name] = arrays[name]
-        if scores is not None:
-            extracted.model_output, extracted.model_test_scores = scores.name, np.asarray(arrays[SCORES], np.float32)
+            if cacheable:
+                key = _cache_key(identity, x, group, reductions, scores)
+                arrays, from_cache = _through_cache(cache, key, x, batches, report)
+                extracted.splits_from_cache += from_cache
+            else:
+                arrays = _in_memory(x, batches, report)
+            done += len(x)
+            for name in group:
+                extracted.by_layer[name][split_name] = arrays[name]
+            if scores is not None:
+                extracted.model_output, extracted.model_test_scores = scores.name, np.asarray(arrays[SCORES], np.float32)
     return extracted
 
 

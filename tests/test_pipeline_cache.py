@@ -170,3 +170,15 @@ def test_peak_memory_during_extraction_is_flat_in_the_number_of_samples(tmp_path
     small, large = (extraction_peak_bytes(tmp_path, rng, n) for n in (1000, 10000))
     # The 10k run's reduced features alone are 41 MB; held in memory they would dwarf one batch (3.3 MB).
     assert large < 1.3 * small and large < 20e6, f"peak {small / 1e6:.1f} MB for 1k, {large / 1e6:.1f} MB for 10k"
+
+
+def test_layers_in_groups_give_the_same_features_with_one_pass_per_group(tmp_path, dataset):
+    _, together = extract(dataset, None)
+    source = OnnxSource(DEMO_MODEL, device="cpu")
+    chosen = probecore.select_layers(source.layers(), LAYERS)
+    cache = probecore.FeatureCache(tmp_path)
+    grouped = probecore.extract_features(source, dataset, chosen, batch_size=500, cache=cache, layers_per_pass=2)
+    assert_same_features(grouped, together)
+    assert len(list(tmp_path.iterdir())) == 6  # 2 groups x 3 splits
+    with pytest.raises(probecore.ReductionError, match="layers_per_pass must be at least 1"):
+        probecore.extract_features(source, dataset, chosen, layers_per_pass=0)
