@@ -45,7 +45,7 @@ def load_model(path: str | Path) -> onnx.ModelProto:
     try:  # the in-memory check avoids reading the file twice; the path form is needed above protobuf's 2 GB
         onnx.checker.check_model(model if model.ByteSize() < 2**31 else str(path))
     except Exception as exc:
-        raise ModelError(f"{path} is not a valid ONNX model: {_first_line(exc)}; re-export it") from None
+        raise ModelError(f"{path} is not a valid ONNX model: {first_line(exc)}; re-export it") from None
     try:
         return onnx.shape_inference.infer_shapes(model, data_prop=True)
     except Exception:
@@ -166,6 +166,6 @@ def _sample_shape(dims) -> tuple[int | None, ...]:
     return tuple(d if isinstance(d, int) and d > 0 else None for d in dims[1:])
 
 
-def _first_line(exc: Exception) -> str:
+def first_line(exc: Exception) -> str:
     text = str(exc).strip().splitlines()
     return text[0] if text else type(exc).__name__

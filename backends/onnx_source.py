@@ -119,7 +119,7 @@ class OnnxSource:
                 values = session.run(fetched, {self.input_name: fed}) if fetched else []
             except Exception as exc:
                 raise ModelError(
-                    f"onnxruntime failed on samples {start}..{start + len(chunk) - 1}: {onnx_graph._first_line(exc)}"
+                    f"onnxruntime failed on samples {start}..{start + len(chunk) - 1}: {onnx_graph.first_line(exc)}"
                 ) from None
             self.bytes_fetched += sum(value.nbytes for value in values)
             outputs = dict(zip(fetched, values))
@@ -179,7 +179,7 @@ def create_session(model_bytes: bytes, device: str = "auto"):
     try:
         return ort.InferenceSession(model_bytes, options, providers=[CPU]), CPU
     except Exception as exc:
-        raise ModelError(f"onnxruntime cannot run this model: {onnx_graph._first_line(exc)}") from None
+        raise ModelError(f"onnxruntime cannot run this model: {onnx_graph.first_line(exc)}") from None
 
 
 @functools.cache

@@ -108,6 +108,7 @@ def print_summary(report: ProbeReport) -> None:
     console.print(line)
     cache = report.settings.get("cache")
     if cache and cache["splits_from_cache"]:
-        console.print(f"features of {cache['splits_from_cache']} of 3 splits read from the cache in {cache['dir']}")
+        hits = cache["splits_from_cache"]
+        console.print(f"{hits} cached feature entr{'y' if hits == 1 else 'ies'} read from {cache['dir']}, without a forward pass")
     if report.model_test is not None:
         console.print(f"model's own test error ({report.model_output}): {_percent(report.model_test.error)}%")
