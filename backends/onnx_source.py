@@ -86,7 +86,7 @@ class OnnxSource:
         return x
 
     def activations(self, x: np.ndarray, layer_names: Sequence[str], batch_size: int) -> Iterator[dict[str, np.ndarray]]:
-        return self._run(x, list(layer_names), {}, batch_size)
+        return self._run(x, list(layer_names), {}, batch_size, spin=False)  # the host reduces between runs
 
     def can_reduce(self, reduction: Reduction) -> bool:
         return self.reduce_in_graph
@@ -97,16 +97,17 @@ class OnnxSource:
         # Layers that need no pooling or subset leave the graph whole; reshaping them on the host is free.
         in_graph = {name: r for name, r in reductions.items() if r.pool is not None or r.subset is not None}
         whole = [name for name in reductions if name not in in_graph]
-        for batch in self._run(x, [*whole, *raw_names], in_graph, batch_size):
+        for batch in self._run(x, [*whole, *raw_names], in_graph, batch_size, spin=True):
             for name in whole:
                 batch[name] = reductions[name].apply(batch[name])
             yield batch
 
-    def _run(self, x, names: list[str], reductions: Mapping[str, Reduction], batch_size: int):
-        """Feed ``x`` in batches; yield the tensors ``names`` as they are and each of ``reductions`` reduced."""
+    def _run(self, x, names: list[str], reductions: Mapping[str, Reduction], batch_size: int, spin: bool):
+        """Feed ``x`` in batches; yield the tensors ``names`` as they are and each of ``reductions`` reduced.
+        ``spin`` lets onnxruntime's idle threads spin between runs: faster, unless the host has work to do."""
         computed = [name for name in names if name != self.input_name]
         fetched = computed + [onnx_reduce.reduced_name(name) for name in reductions]
-        session = self._session_for(computed, reductions)
+        session = self._session_for(computed, reductions, spin)
         fixed_batch = self._input_dims[0] if self._input_dims and isinstance(self._input_dims[0], int) else 0
         step = fixed_batch if fixed_batch > 0 else batch_size
         expected = onnx_graph.numpy_dtype(self._input)
@@ -143,25 +144,29 @@ class OnnxSource:
             "bytes_fetched": self.bytes_fetched,
         }
 
-    def _session_for(self, outputs: list[str], reductions: Mapping[str, Reduction]):
-        key = (tuple(sorted(outputs)), tuple((name, r.describe(), r.sample_shape) for name, r in sorted(reductions.items())))
+    def _session_for(self, outputs: list[str], reductions: Mapping[str, Reduction], spin: bool):
+        reduction_keys = tuple((name, r.describe(), r.sample_shape) for name, r in sorted(reductions.items()))
+        key = (tuple(sorted(outputs)), reduction_keys, spin)
         if self._session is None or self._session_key != key:
             self._session = None  # free the old session before building the next one
             exposed = onnx_graph.with_outputs(self.model, outputs, dict(reductions))
-            self._session, self.provider = create_session(exposed, self.device)
+            self._session, self.provider = create_session(exposed, self.device, spin)
             self._session_key = key
         return self._session
 
 
-def create_session(model_bytes: bytes, device: str = "auto"):
-    """An onnxruntime session on CUDA when asked for (or ``auto``) and it really works, else on the CPU."""
+def create_session(model_bytes: bytes, device: str = "auto", spin: bool = True):
+    """An onnxruntime session on CUDA when asked for (or ``auto``) and it really works, else on the CPU.
+
+    ``spin=False`` stops idle onnxruntime threads from spinning between runs, which otherwise starves host work
+    done between batches (the numba reductions); memory patterns are off, since with probed tensors exposed
+    they held a second copy of every block output (benchmarks/README.md)."""
     import onnxruntime as ort
 
     ort.set_default_logger_severity(4)  # a missing CUDA library is expected, not worth a screen of errors
     options = ort.SessionOptions()
     options.log_severity_level = 4
-    # Between runs onnxruntime's idle threads would spin, starving the numba reductions of the batch just out.
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
     options.enable_mem_pattern = False
     if device in ("auto", "cuda") and CUDA in ort.get_available_providers():
         _preload_cuda_libraries(ort)
