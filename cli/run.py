@@ -7,7 +7,9 @@ from pathlib import Path
 
 import typer
 
+from probecore.errors import DataError
 from probecore.feature_cache import FeatureCache
+from probecore.images import ImagePreprocessing
 from probecore.probe import FitOptions
 from probecore.reduction import ReductionPolicy
 
@@ -96,9 +98,6 @@ def demo_command(
 
 def image_preprocessing(source, size=None, resize=None, scale=1 / 255, mean=(0.0,), std=(1.0,)):
     """Preprocessing that fits the model's image input: layout and channels from (N, C, H, W) or (N, H, W, C)."""
-    from probecore.errors import DataError
-    from probecore.images import ImagePreprocessing
-
     dims = source.input_dims
     if dims is None or len(dims) != 4 or not ({dims[1], dims[3]} & {1, 3}):
         raise DataError(
@@ -118,8 +117,6 @@ def image_preprocessing(source, size=None, resize=None, scale=1 / 255, mean=(0.0
 
 
 def _floats(text: str, option: str) -> tuple[float, ...]:
-    from probecore.errors import DataError
-
     try:
         return tuple(float(part) for part in text.split(","))
     except ValueError:

@@ -1,9 +1,9 @@
 """numba kernels for the per-batch feature reductions.
 
 Short explicit loops, compiled once (``cache=True``). Serial on purpose: these passes are memory-bound, and
-numba's parallel launch cost about 8 ms a call on a 2-core machine for no gain (benchmarks/README.md). Input checking lives in
-``reduction.py``; these assume well-formed arrays. ``tests/reference.py`` holds the slow obvious versions
-they are tested against.
+numba's parallel launch cost about 8 ms a call on a 2-core machine (benchmarks/README.md). Input checking
+lives in ``reduction.py``; these assume well-formed arrays. ``tests/reference.py`` holds the slow obvious
+versions they are tested against.
 """
 
 import numba
