@@ -6,7 +6,6 @@ import time
 from dataclasses import dataclass
 
 import numpy as np
-from scipy.optimize import minimize
 from threadpoolctl import threadpool_limits
 
 from .errors import ProbeError
@@ -75,6 +74,8 @@ def fit_probe(
     options: FitOptions = FitOptions(),
 ) -> Probe:
     """Fit a probe on (N, d) features and integer labels in ``[0, n_classes)``."""
+    from scipy.optimize import minimize  # 50 MB of imports, not needed until the first fit
+
     started = time.perf_counter()
     train_features = np.asarray(train_features, dtype=np.float32)
     if options.standardize:

@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from . import kernels
 from .errors import ReductionError
 
 POOL_KINDS = ("avg", "max")
@@ -117,6 +116,8 @@ class Reduction:
         features = _pooled(self, batch) if self.pool is not None else batch.reshape(n_samples, -1)
         features = features.reshape(n_samples, -1)
         if self.subset is not None:
+            from . import kernels  # numba loads only when the host reduces (in-graph runs never need it)
+
             rows = np.ascontiguousarray(features)
             features = np.empty((n_samples, len(self.subset)), dtype=np.float32)
             kernels.gather_columns(rows, self.subset, features)
@@ -179,6 +180,8 @@ def _pool_window(sample_shape, layout, policy) -> int:
 
 
 def _pooled(reduction: Reduction, batch: np.ndarray) -> np.ndarray:
+    from . import kernels
+
     use_max = reduction.pool == "max"
     n_samples = batch.shape[0]
     if reduction.layout == "sequence":
