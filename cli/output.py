@@ -83,6 +83,7 @@ def report_table(report: ProbeReport) -> Table:
         table.add_column(column, overflow="fold")
     table.add_column("loss train/valid/test", justify="right")
     table.add_column("error % train/valid/test", justify="right")
+    table.add_column("test error 95% CI", justify="right")
     if has_top5:
         table.add_column("top-5 err % test", justify="right")
     best = min(layer.metrics["test"].error for layer in report.layers)
@@ -92,6 +93,8 @@ def report_table(report: ProbeReport) -> Table:
         row.append(layer.reduction["description"])
         row.append(" / ".join(_loss(m.loss) for m in metrics))
         row.append(" / ".join(_percent(m.error) for m in metrics))
+        low, high = layer.metrics["test"].error_interval
+        row.append(f"{_percent(low)}-{_percent(high)}")
         if has_top5:
             row.append(_percent(layer.metrics["test"].top5_error))
         table.add_row(*row, style="bold" if layer.metrics["test"].error == best else None)

@@ -76,6 +76,7 @@ class ProbeReport:
         """One row per layer: shape, features, reduction, and loss / error / top-5 error per split."""
         header = ["layer", "op_type", "shape", "features", "features_used", "reduction"]
         header += [f"{split}_{metric}" for split in SPLIT_NAMES for metric in ("loss", "error", "top5_error")]
+        header += ["test_error_ci95_low", "test_error_ci95_high"]
         buffer = io.StringIO()
         writer = csv.writer(buffer, lineterminator="\n")
         writer.writerow(header)
@@ -85,6 +86,7 @@ class ProbeReport:
             for split in SPLIT_NAMES:
                 metrics = layer.metrics[split]
                 row += [_number(metrics.loss), _number(metrics.error), _number(metrics.top5_error)]
+            row += [_number(bound) for bound in layer.metrics["test"].error_interval]
             writer.writerow(row)
         return buffer.getvalue()
 

@@ -59,8 +59,29 @@ class SplitMetrics:
     error: float  # top-1 error
     top5_error: float | None  # only with more than 5 classes
 
+    @property
+    def error_interval(self) -> tuple[float, float]:
+        """Exact (Clopper-Pearson) 95% interval for the top-1 error, from ``n_samples`` independent trials."""
+        return binomial_interval(round(self.error * self.n_samples), self.n_samples)
+
     def to_dict(self) -> dict:
-        return {"n": self.n_samples, "loss": self.loss, "error": self.error, "top5_error": self.top5_error}
+        return {
+            "n": self.n_samples,
+            "loss": self.loss,
+            "error": self.error,
+            "error_ci95": list(self.error_interval),
+            "top5_error": self.top5_error,
+        }
+
+
+def binomial_interval(errors: int, trials: int, level: float = 0.95) -> tuple[float, float]:
+    """Clopper-Pearson interval for a proportion: conservative, exact at the extremes (0 or all errors)."""
+    from scipy.stats import beta
+
+    tail = (1 - level) / 2
+    low = 0.0 if errors == 0 else float(beta.ppf(tail, errors, trials - errors + 1))
+    high = 1.0 if errors == trials else float(beta.ppf(1 - tail, errors + 1, trials - errors))
+    return low, high
 
 
 def split_metrics(log_probs: np.ndarray, labels: np.ndarray) -> SplitMetrics:

@@ -23,10 +23,16 @@ def test_report_files_hold_every_layer(tmp_path):
     out = make_report(3).write(tmp_path / "results")
     data = json.loads((out / "report.json").read_text())
     assert [layer["name"] for layer in data["layers"]] == ["layer0", "layer1", "layer2"]
-    assert data["layers"][1]["metrics"]["test"] == {"n": 10, "loss": 1.5, "error": 0.1, "top5_error": None}
+    test = data["layers"][1]["metrics"]["test"]
+    assert {key: test[key] for key in ("n", "loss", "error", "top5_error")} == {
+        "n": 10, "loss": 1.5, "error": 0.1, "top5_error": None,
+    }  # fmt: skip
+    low, high = test["error_ci95"]
+    assert 0 < low < 0.1 < high < 1
     rows = list(csv.DictReader((out / "probes.csv").open()))
     assert [row["layer"] for row in rows] == ["layer0", "layer1", "layer2"]
     assert rows[2]["test_error"] == "0.2" and rows[0]["shape"] == "4x4x4" and rows[0]["test_top5_error"] == ""
+    assert rows[0]["test_error_ci95_low"] == "0" and float(rows[0]["test_error_ci95_high"]) > 0.2
 
 
 def test_existing_directory_gets_its_files_replaced_and_keeps_others(tmp_path):

@@ -131,3 +131,25 @@ def test_top5_error_is_none_with_five_classes_or_fewer(c):
     rng = np.random.default_rng(8)
     metrics = split_metrics(ref.log_softmax(rng.standard_normal((10, c))), rng.integers(0, c, size=10))
     assert metrics.top5_error is None
+
+
+@pytest.mark.parametrize("errors, trials", [(0, 50), (3, 50), (27, 1000), (50, 50), (1, 1)])
+def test_error_interval_matches_scipys_exact_binomial_interval(errors, trials):
+    from scipy.stats import binomtest
+
+    from probecore.softmax import binomial_interval
+
+    expected = binomtest(errors, trials).proportion_ci(0.95, method="exact")
+    np.testing.assert_allclose(binomial_interval(errors, trials), (expected.low, expected.high), atol=1e-9)
+
+
+def test_error_interval_covers_the_true_error_at_least_95_percent_of_the_time():
+    from probecore.softmax import SplitMetrics
+
+    rng = np.random.default_rng(5)
+    true_error, trials = 0.08, 300
+    covered = 0
+    for errors in rng.binomial(trials, true_error, size=2000):
+        low, high = SplitMetrics(trials, None, errors / trials, None).error_interval
+        covered += low <= true_error <= high
+    assert 0.95 <= covered / 2000 <= 0.995
