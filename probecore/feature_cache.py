@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
 import hashlib
 import json
 import operator
@@ -286,6 +285,10 @@ class CacheEntry:
 
 def _acquire_lock(directory: Path, wait_seconds: float, on_wait: Callable[[str], None] | None) -> int:
     """An fd holding an exclusive flock on the entry's lock file; the kernel drops it if the process dies."""
+    try:
+        import fcntl  # POSIX only
+    except ImportError:
+        raise CacheError("the feature cache needs file locks (Linux, macOS); pass --no-cache on this system") from None
     fd = os.open(directory / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o666)
     try:
         deadline = time.monotonic() + wait_seconds
