@@ -131,6 +131,7 @@ def extract_features(
     identity = source.identity() if cache is not None else None
     cacheable = identity is not None and all(name in reductions for name in names)
     extracted = ExtractedFeatures({name: {} for name in names}, reductions, reduced_by_source=by_source)
+    data_keys = {name: _data_key(x) for name, x in inputs.items()} if cacheable else {}  # hashed once per split
     step = layers_per_pass or len(names)
     groups = [names[start : start + step] for start in range(0, len(names), step)]
     total_samples, done = len(groups) * sum(len(x) for x in inputs.values()), 0
@@ -143,7 +144,7 @@ def extract_features(
                 progress("extract", offset + n_done, total_samples, split_name)
 
             if cacheable:
-                key = _cache_key(identity, x, group, reductions, scores)
+                key = _cache_key(identity, data_keys[split_name], group, reductions, scores)
                 arrays, from_cache = _through_cache(cache, key, x, batches, report)
                 extracted.splits_from_cache += from_cache
             else:
@@ -211,7 +212,12 @@ def _through_cache(cache: FeatureCache, key: dict, x, batches, report) -> tuple[
         return entry.read(), from_cache
 
 
-def _cache_key(identity: dict, x, names, reductions, scores) -> dict:
+def _data_key(x) -> str:
+    """A fingerprint of the inputs: lazy ones (image folders) hash their files and preprocessing themselves."""
+    return x.fingerprint() if hasattr(x, "fingerprint") else fingerprint(x)
+
+
+def _cache_key(identity: dict, data: str, names, reductions, scores) -> dict:
     """Everything that fixes a split's features: model, inputs (and their preprocessing), reductions."""
     layers = {}
     for name in names:
@@ -221,7 +227,6 @@ def _cache_key(identity: dict, x, names, reductions, scores) -> dict:
     widths = {name: reductions[name].n_features_out for name in names}
     if scores is not None:
         widths[SCORES] = scores.n_features
-    data = x.fingerprint() if hasattr(x, "fingerprint") else fingerprint(x)
     return {"format": 1, "source": identity, "data": data, "layers": layers, "widths": widths}
 
 
