@@ -48,7 +48,10 @@ def _objective(features, labels, weights, bias, l2):
 
 
 # (N, d, C, l2)
-SKLEARN_CASES = [(300, 4, 2, 1e-2), (600, 20, 2, 1e-3), (800, 10, 3, 1e-3), (1000, 15, 7, 1e-2), (1500, 10, 50, 1e-2)]
+SKLEARN_CASES = [
+    (300, 4, 2, 1e-2), (600, 20, 2, 1e-3), (800, 10, 3, 1e-3), (1000, 15, 7, 1e-2), (1500, 10, 50, 1e-2),
+    (5000, 16, 1000, 1e-2),  # C = 1000, as issue 4 asks
+]  # fmt: skip
 
 
 @pytest.mark.parametrize("n, d, c, l2", SKLEARN_CASES)
