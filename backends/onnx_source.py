@@ -37,6 +37,7 @@ class OnnxSource:
         self.model_sha256 = hashlib.sha256(self.path.read_bytes()).hexdigest()
         self._input = onnx_graph.model_input(self.model)
         self._input_dims = onnx_graph.tensor_dims(self._input)
+        self._input_dtype = onnx_graph.numpy_dtype(self._input)
         self._layers = onnx_graph.candidate_layers(self.model)
         self.reduce_in_graph = reduce_in_graph and onnx_reduce.default_opset(self.model) >= onnx_reduce.MIN_OPSET
         self._session = None
@@ -62,7 +63,7 @@ class OnnxSource:
         lazy = not isinstance(x, np.ndarray) and hasattr(x, "shape") and hasattr(x, "dtype")
         if not lazy:
             x = np.asarray(x)
-        expected = onnx_graph.numpy_dtype(self._input)
+        expected = self._input_dtype
         if x.dtype != expected:
             castable = x.dtype.kind in "iub" and expected.kind in "iuf" or x.dtype.kind == expected.kind == "f"
             if not castable:
@@ -110,9 +111,8 @@ class OnnxSource:
         session = self._session_for(computed, reductions, spin)
         fixed_batch = self._input_dims[0] if self._input_dims and isinstance(self._input_dims[0], int) else 0
         step = fixed_batch if fixed_batch > 0 else batch_size
-        expected = onnx_graph.numpy_dtype(self._input)
         for start in range(0, len(x), step):
-            chunk = np.asarray(x[start : start + step]).astype(expected, copy=False)  # lazy inputs load here
+            chunk = np.asarray(x[start : start + step]).astype(self._input_dtype, copy=False)  # lazy inputs load here
             fed = chunk
             if fixed_batch > 0 and len(chunk) < fixed_batch:  # a model exported with a fixed batch size
                 fed = np.concatenate([chunk, np.repeat(chunk[-1:], fixed_batch - len(chunk), axis=0)])

@@ -18,12 +18,12 @@ import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from importlib import metadata
 
 import pytest
 
 import probecore
 from probecore import bundled
+from probecore.pipeline import package_versions
 
 VERSIONED = ("probecore", "numpy", "scipy", "numba", "onnx", "onnxruntime", "onnxruntime-gpu", "scikit-learn")
 _SUMMARY: list[tuple[str, dict]] = []
@@ -101,13 +101,7 @@ def mnist() -> probecore.Dataset:
 
 
 def versions() -> dict[str, str]:
-    found = {}
-    for package in VERSIONED:
-        try:
-            found[package] = metadata.version(package)
-        except metadata.PackageNotFoundError:
-            continue
-    return found
+    return package_versions(VERSIONED)
 
 
 def pytest_sessionstart(session):

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import typer
 
+import probecore
 from probecore.errors import DataError
 from probecore.feature_cache import FeatureCache
 from probecore.images import ImagePreprocessing
@@ -137,8 +138,7 @@ def probe_and_write(
     layers_per_pass: int | None = None, quiet: bool = False, as_json: bool = False,
 ) -> None:  # fmt: skip
     """Load, probe, write the results, then show them; nothing is written unless everything succeeded."""
-    import probecore
-    from probecore.backends.onnx_source import OnnxSource
+    from probecore.backends.onnx_source import OnnxSource  # loads onnx: not needed for `probe --help`
 
     source = OnnxSource(model, device=device)
     preprocessing = image_preprocessing(source, **(images or {})) if data.is_dir() else None

@@ -87,7 +87,7 @@ def run_probes(
         if cache is None
         else {"dir": str(cache.root), "storage": cache.storage_dtype, "splits_from_cache": extracted.splits_from_cache},
         "seconds": {"extract": round(extract_seconds, 3), "total": round(time.perf_counter() - started, 3)},
-        "versions": {"python": platform.python_version(), **_package_versions()},
+        "versions": {"python": platform.python_version(), **package_versions()},
     }
     return ProbeReport(
         layers=results,
@@ -261,9 +261,10 @@ def _layer_result(layer: LayerInfo, reduction: Reduction, metrics, probe) -> Lay
     )
 
 
-def _package_versions() -> dict[str, str]:
+def package_versions(packages: Sequence[str] = RECORDED_PACKAGES) -> dict[str, str]:
+    """Installed versions of ``packages``, skipping those not installed (e.g. onnxruntime vs onnxruntime-gpu)."""
     versions = {}
-    for package in RECORDED_PACKAGES:
+    for package in packages:
         try:
             versions[package] = metadata.version(package)
         except metadata.PackageNotFoundError:
