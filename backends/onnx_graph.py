@@ -5,6 +5,7 @@ Never mutates the caller's model: exposing outputs works on a copy.
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import numpy as np
@@ -26,11 +27,37 @@ LAYER_OPS = ACTIVATION_OPS | POOL_OPS | {
     "Conv", "ConvTranspose", "Gemm", "MatMul", "Add", "Mul", "BatchNormalization", "LayerNormalization",
     "InstanceNormalization", "Flatten", "Concat", "Softmax", "Dropout", "Identity",
 }  # fmt: skip
+OUTLINE_DATA_BYTES = 1024  # initializers above this keep only name, type and dims in a model's outline
 FLOAT_TYPES = {TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE, TensorProto.BFLOAT16}
 
 
-def load_model(path: str | Path) -> onnx.ModelProto:
-    """Read, check and shape-infer an ONNX file, or raise ``ModelError`` saying what is wrong with it."""
+def load_outline(path: str | Path) -> onnx.ModelProto:
+    """Read and check an ONNX file; return it shape-inferred, without the data of its larger weights.
+
+    Everything probecore learns from a model (its input, tensors, shapes) is in this outline, which stays small
+    however large the weights: they are read again from the file only to build an onnxruntime session
+    (``read_model``). Raises ``ModelError`` saying what is wrong with the file."""
+    path = Path(path)
+    model = read_model(path)
+    outline = onnx.ModelProto()
+    for initializer in model.graph.initializer:
+        if initializer.ByteSize() > OUTLINE_DATA_BYTES:  # keep name, type and dims; shape inference needs no more
+            for field in ("raw_data", "float_data", "int32_data", "int64_data", "double_data", "uint64_data"):
+                initializer.ClearField(field)
+    outline.CopyFrom(model)
+    del model  # a parsed model's memory is freed only as a whole
+    try:  # from the file, so that the weights are checked too, one tensor at a time
+        onnx.checker.check_model(str(path))
+    except Exception as exc:
+        raise ModelError(f"{path} is not a valid ONNX model: {first_line(exc)}; re-export it") from None
+    try:
+        return onnx.shape_inference.infer_shapes(outline, data_prop=True)
+    except Exception:
+        return outline  # shapes are then learned from the first batch
+
+
+def read_model(path: str | Path) -> onnx.ModelProto:
+    """Parse an ONNX file (weights included) without checking it, or raise ``ModelError``."""
     path = Path(path)
     if not path.is_file():
         raise ModelError(f"model file not found: {path}; pass the path of an .onnx file")
@@ -42,24 +69,36 @@ def load_model(path: str | Path) -> onnx.ModelProto:
         raise ModelError(
             f"{path} is not an ONNX model (it does not parse as one); export it with torch.onnx.export or tf2onnx"
         )
-    try:  # the in-memory check avoids reading the file twice; the path form is needed above protobuf's 2 GB
-        onnx.checker.check_model(model if model.ByteSize() < 2**31 else str(path))
-    except Exception as exc:
-        raise ModelError(f"{path} is not a valid ONNX model: {first_line(exc)}; re-export it") from None
-    try:
-        return onnx.shape_inference.infer_shapes(model, data_prop=True)
-    except Exception:
-        return model  # shapes are then learned from the first batch
+    return model
+
+
+def file_sha256(path: str | Path) -> str:
+    with open(path, "rb") as stream:
+        return hashlib.file_digest(stream, "sha256").hexdigest()
+
+
+def typed_values(model: onnx.ModelProto) -> dict[str, onnx.ValueInfoProto]:
+    """Every tensor whose type is known (after shape inference), by name: all ``with_outputs`` needs to
+    know of a model's shapes, a few kilobytes where the model itself may be gigabytes."""
+    graph = model.graph
+    return {value.name: _copy(value) for value in [*graph.value_info, *graph.input, *graph.output]}
+
+
+def _copy(value: onnx.ValueInfoProto) -> onnx.ValueInfoProto:
+    """A detached copy: a part of a parsed model keeps the whole model's memory alive (protobuf arenas)."""
+    copied = onnx.ValueInfoProto()
+    copied.CopyFrom(value)
+    return copied
 
 
 def model_input(model: onnx.ModelProto) -> onnx.ValueInfoProto:
-    """The model's one real input (initializers listed as inputs by old exporters do not count)."""
+    """The model's one real input (initializers listed as inputs by old exporters do not count), detached."""
     initializers = {init.name for init in model.graph.initializer}
     inputs = [value for value in model.graph.input if value.name not in initializers]
     if len(inputs) != 1:
         names = ", ".join(value.name for value in inputs) or "none"
         raise ModelError(f"the model has {len(inputs)} inputs ({names}); probecore feeds models with exactly one input")
-    return inputs[0]
+    return _copy(inputs[0])
 
 
 def tensor_dims(value: onnx.ValueInfoProto) -> tuple[int | str | None, ...] | None:
@@ -122,26 +161,40 @@ def candidate_layers(model: onnx.ModelProto) -> list[LayerInfo]:
     return layers
 
 
-def with_outputs(model: onnx.ModelProto, names: list[str], reductions: dict | None = None) -> bytes:
-    """A serialized copy of ``model`` whose graph outputs also include ``names`` as they are, and each layer of
-    ``reductions`` reduced in the graph (see ``onnx_reduce``). The caller's model is not changed."""
-    exposed = onnx.ModelProto()
-    exposed.CopyFrom(model)
-    graph = exposed.graph
-    present = {value.name for value in graph.output}
-    typed = {value.name: value for value in [*graph.value_info, *graph.input, *graph.output]}
-    for name in names:
-        if name not in present:
-            graph.output.append(typed.get(name) or onnx.ValueInfoProto(name=name))
-            present.add(name)
-    batch_dim = (tensor_dims(model_input(model)) or ("N",))[0] or "N"
-    for layer, reduction in (reductions or {}).items():
-        nodes, initializers = onnx_reduce.reduction_nodes(layer, reduction, typed.get(layer))
-        graph.node.extend(nodes)
-        graph.initializer.extend(initializers)
-        width = reduction.n_features_out
-        graph.output.append(helper.make_tensor_value_info(onnx_reduce.reduced_name(layer), TensorProto.FLOAT, [batch_dim, width]))
-    return exposed.SerializeToString()
+def with_outputs(
+    model: onnx.ModelProto, names: list[str], reductions: dict | None = None, typed: dict | None = None
+) -> bytes:
+    """``model`` serialized with ``names`` added to its graph outputs as they are, and each layer of
+    ``reductions`` reduced in the graph (see ``onnx_reduce``). ``typed``: ``typed_values`` of the
+    shape-inferred model, when ``model`` is a fresh read without inferred shapes.
+
+    The additions are undone before returning, so the caller's model is left as it was without copying its
+    weights. Each layer's reduction nodes go right after the graph's own nodes, deepest layer first:
+    onnxruntime orders execution by a depth-first walk back from the graph's last leaf node, so this
+    schedules every pooling node as soon as its layer exists, and frees each layer's full activation as
+    soon as the model has used it, rather than holding all of them to the end of the run."""
+    graph = model.graph
+    typed = {**typed_values(model), **(typed or {})}
+    sizes = len(graph.node), len(graph.initializer), len(graph.output)
+    position = {out: i for i, node in enumerate(graph.node) for out in node.output}
+    try:
+        present = {value.name for value in graph.output}
+        for name in names:
+            if name not in present:
+                graph.output.append(typed.get(name) or onnx.ValueInfoProto(name=name))
+                present.add(name)
+        batch_dim = (tensor_dims(model_input(model)) or ("N",))[0] or "N"
+        deepest_first = sorted((reductions or {}).items(), key=lambda item: -position.get(item[0], -1))
+        for layer, reduction in deepest_first:
+            nodes, initializers = onnx_reduce.reduction_nodes(layer, reduction, typed.get(layer))
+            graph.node.extend(nodes)
+            graph.initializer.extend(initializers)
+            width = reduction.n_features_out
+            reduced = onnx_reduce.reduced_name(layer)
+            graph.output.append(helper.make_tensor_value_info(reduced, TensorProto.FLOAT, [batch_dim, width]))
+        return model.SerializeToString()
+    finally:
+        del graph.node[sizes[0] :], graph.initializer[sizes[1] :], graph.output[sizes[2] :]
 
 
 def _looks_like_layer(node: onnx.NodeProto, constants: set[str], producer: dict) -> bool:

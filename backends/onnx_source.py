@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import hashlib
 import os
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -33,13 +32,17 @@ class OnnxSource:
             raise ModelError(f"device must be one of {', '.join(DEVICES)}, got {device!r}")
         self.path = Path(path)
         self.device = device
-        self.model = onnx_graph.load_model(self.path)
-        self.model_sha256 = hashlib.sha256(self.path.read_bytes()).hexdigest()
-        self._input = onnx_graph.model_input(self.model)
+        # The model is checked and shape-inferred once, then let go: only what describes it is kept, and its
+        # weights are read again from the file when a session is built (memory: benchmarks/README.md).
+        model = onnx_graph.load_outline(self.path)
+        self.model_sha256 = onnx_graph.file_sha256(self.path)
+        self._input = onnx_graph.model_input(model)
         self._input_dims = onnx_graph.tensor_dims(self._input)
         self._input_dtype = onnx_graph.numpy_dtype(self._input)
-        self._layers = onnx_graph.candidate_layers(self.model)
-        self.reduce_in_graph = reduce_in_graph and onnx_reduce.default_opset(self.model) >= onnx_reduce.MIN_OPSET
+        self._layers = onnx_graph.candidate_layers(model)
+        self._typed = onnx_graph.typed_values(model)
+        self.reduce_in_graph = reduce_in_graph and onnx_reduce.default_opset(model) >= onnx_reduce.MIN_OPSET
+        del model
         self._session = None
         self._session_key = None
         self.provider: str | None = None
@@ -149,7 +152,11 @@ class OnnxSource:
         key = (tuple(sorted(outputs)), reduction_keys, spin)
         if self._session is None or self._session_key != key:
             self._session = None  # free the old session before building the next one
-            exposed = onnx_graph.with_outputs(self.model, outputs, dict(reductions))
+            model = onnx_graph.read_model(self.path)
+            if onnx_graph.file_sha256(self.path) != self.model_sha256:
+                raise ModelError(f"{self.path} changed while it was being probed; rerun once it is written")
+            exposed = onnx_graph.with_outputs(model, outputs, dict(reductions), self._typed)
+            del model  # onnxruntime parses its own copy: hold one at a time
             self._session, self.provider = create_session(exposed, self.device, spin)
             self._session_key = key
         return self._session

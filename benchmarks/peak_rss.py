@@ -98,7 +98,7 @@ def main(argv=None) -> dict:
         result["output_shape"] = list(logits.shape)
     else:
         source = OnnxSource(args.model, device="cpu")
-        x = _images(_input_shape(source), args.n, args.seed)
+        x = _images(source.input_dims, args.n, args.seed)
         stages["model_and_inputs"] = rss_mib()
         n_train, n_valid = args.n // 2, args.n // 4
         y = (np.arange(args.n) % 10).astype(np.int64)
@@ -132,11 +132,6 @@ def main(argv=None) -> dict:
     }
     print(json.dumps(result), flush=True)
     return result
-
-
-def _input_shape(source) -> list:
-    model_input = next(value for value in source.model.graph.input if value.name == source.input_name)
-    return [dim.dim_value or dim.dim_param for dim in model_input.type.tensor_type.shape.dim]
 
 
 def _images(shape, n: int, seed: int):

@@ -6,6 +6,7 @@ import pytest
 from onnx_models import mlp_reference, mlp_weights, save_convnet, save_mlp, save_model
 from onnx import TensorProto, helper
 
+import probecore
 from probecore.backends import onnx_graph
 from probecore.backends.onnx_source import OnnxSource, create_session
 from probecore.errors import DataError, ModelError
@@ -47,11 +48,57 @@ def test_layers_are_listed_in_graph_order_with_shapes_and_default_picks(tmp_path
 
 
 def test_exposing_outputs_leaves_the_callers_model_untouched(tmp_path, rng):
-    model = onnx_graph.load_model(save_convnet(tmp_path / "c.onnx", rng))
+    model = onnx_graph.load_outline(save_convnet(tmp_path / "c.onnx", rng))
     before = model.SerializeToString()
     exposed = onnx.load_from_string(onnx_graph.with_outputs(model, ["relu", "pool", "logits"]))
     assert model.SerializeToString() == before
     assert [value.name for value in exposed.graph.output] == ["logits", "relu", "pool"]
+
+
+def test_reduction_nodes_follow_the_graph_deepest_layer_first(tmp_path, rng):
+    # onnxruntime walks back from the last leaf node: this order runs each pooling node as soon as its layer
+    # exists, so no full activation is held to the end of the run (benchmarks/README.md, peak RSS)
+    model = onnx_graph.load_outline(save_convnet(tmp_path / "c.onnx", rng))
+    n_nodes = len(model.graph.node)
+    policy = probecore.ReductionPolicy(max_features=8)
+    reductions = {name: probecore.plan_reduction(name, (4, 8, 8), policy) for name in ("relu", "block", "swish")}
+    exposed = onnx.load_from_string(onnx_graph.with_outputs(model, [], reductions))
+    added = [node.output[0] for node in exposed.graph.node[n_nodes:]]
+    assert len(model.graph.node) == n_nodes  # the caller's model is left as it was
+    tails = [name for name in added if name.endswith("::probe")]
+    assert tails == ["swish::probe", "block::probe", "relu::probe"]
+    assert [node.name for node in exposed.graph.node[:n_nodes]] == [node.name for node in model.graph.node]
+
+
+def test_the_source_keeps_an_outline_of_the_model_not_its_weights(tmp_path, rng):
+    weights = mlp_weights(rng, n_in=64, n_hidden=512)  # 130 KB of weights
+    path = save_mlp(tmp_path / "mlp.onnx", weights)
+    outline = onnx_graph.load_outline(path)
+    assert outline.ByteSize() < path.stat().st_size / 20
+    assert [init.dims for init in outline.graph.initializer] == [list(w.shape) for w in weights.values()]
+    source = OnnxSource(path)
+    assert {layer.name: layer.shape for layer in source.layers()}["hidden"] == (512,)
+    x = rng.normal(size=(7, 64)).astype(np.float32)
+    (batch,) = source.activations(x, ["hidden"], batch_size=8)  # weights read from the file for the session
+    np.testing.assert_allclose(batch["hidden"], mlp_reference(x, weights)[1], rtol=1e-4, atol=1e-4)
+
+
+def test_a_model_file_replaced_while_probing_is_refused(tmp_path, rng):
+    path = save_mlp(tmp_path / "mlp.onnx", mlp_weights(rng))
+    source = OnnxSource(path)
+    save_mlp(path, mlp_weights(rng))  # other weights under the same name, as a training job might write
+    with pytest.raises(ModelError, match="mlp.onnx changed while it was being probed"):
+        next(source.activations(np.zeros((2, 12), np.float32), ["hidden"], batch_size=8))
+
+
+def test_invalid_weights_are_caught_by_the_check(tmp_path, rng):
+    weights = mlp_weights(rng)
+    path = save_mlp(tmp_path / "mlp.onnx", weights)
+    model = onnx.load(str(path))
+    model.graph.initializer[0].raw_data = model.graph.initializer[0].raw_data[:-8]  # two floats short
+    onnx.save(model, str(path))
+    with pytest.raises(ModelError, match="mlp.onnx is not a valid ONNX model"):
+        OnnxSource(path)
 
 
 def test_input_checks_cast_what_is_safe_and_name_what_does_not_fit(tmp_path, rng):
@@ -102,7 +149,7 @@ def test_models_with_several_inputs_are_refused_naming_them(tmp_path):
 
 
 def test_cpu_session_creation_is_quiet(tmp_path, rng, capfd):
-    model = onnx_graph.load_model(save_mlp(tmp_path / "mlp.onnx", mlp_weights(rng)))
+    model = onnx_graph.read_model(save_mlp(tmp_path / "mlp.onnx", mlp_weights(rng)))
     session, provider = create_session(model.SerializeToString(), "auto")
     assert provider in session.get_providers()
     captured = capfd.readouterr()
@@ -112,7 +159,7 @@ def test_cpu_session_creation_is_quiet(tmp_path, rng, capfd):
 def test_asking_for_cuda_where_it_cannot_work_is_a_clear_error(tmp_path, rng):
     import onnxruntime
 
-    model = onnx_graph.load_model(save_mlp(tmp_path / "mlp.onnx", mlp_weights(rng)))
+    model = onnx_graph.read_model(save_mlp(tmp_path / "mlp.onnx", mlp_weights(rng)))
     try:
         _, provider = create_session(model.SerializeToString(), "auto")
     except ModelError:
