@@ -53,7 +53,11 @@ def progress_bars(quiet: bool):
         yield None
         return
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), RateColumn(), TimeRemainingColumn())
-    labels = {"extract": ("extracting activations", "samples"), "fit": ("fitting probes", "layers")}
+    labels = {
+        "extract": ("extracting activations", "samples"),
+        "fit": ("fitting probes", "layers"),
+        "control": ("fitting control-task probes", "layers"),
+    }
     with Progress(*columns, console=console, transient=True) as bars:
         tasks = {}
 
@@ -76,27 +80,38 @@ def _loss(value: float | None) -> str:
 
 
 def report_table(report: ProbeReport) -> Table:
-    """Layer, shape, features, reduction, and loss / error per split; the best test error in bold."""
+    """Layer, shape, features, reduction, chosen L2, loss / error per split, and the control task's
+    selectivity when there is one; the best test error in bold."""
     has_top5 = any(layer.metrics["test"].top5_error is not None for layer in report.layers)
-    table = Table(title="Linear probe per layer", title_justify="left")
+    has_control = any(layer.control is not None for layer in report.layers)
+    table = Table(title="Linear probe per layer (tr/va/te: train/valid/test)", title_justify="left")
     for column in ("layer", "op", "shape", "features", "reduction"):
         table.add_column(column, overflow="fold")
-    table.add_column("loss train/valid/test", justify="right")
-    table.add_column("error % train/valid/test", justify="right")
-    table.add_column("test error 95% CI", justify="right")
+    table.add_column("l2", justify="right")
+    table.add_column("loss tr/va/te", justify="right")
+    table.add_column("error % tr/va/te", justify="right")
+    table.add_column("test err 95% CI", justify="right")
     if has_top5:
-        table.add_column("top-5 err % test", justify="right")
+        table.add_column("top-5 % te", justify="right")
+    if has_control:
+        table.add_column("control err % tr/te", justify="right")
+        table.add_column("selectivity", justify="right")
     best = min(layer.metrics["test"].error for layer in report.layers)
     for layer in report.layers:
         metrics = [layer.metrics[split] for split in ("train", "valid", "test")]
         row = [layer.name, layer.op_type, "x".join(map(str, layer.shape)), str(layer.n_features)]
         row.append(layer.reduction["description"])
+        row.append("" if layer.l2 is None else f"{layer.l2:.0e}")
         row.append(" / ".join(_loss(m.loss) for m in metrics))
         row.append(" / ".join(_percent(m.error) for m in metrics))
         low, high = layer.metrics["test"].error_interval
         row.append(f"{_percent(low)}-{_percent(high)}")
         if has_top5:
             row.append(_percent(layer.metrics["test"].top5_error))
+        if has_control:
+            control = layer.control or {}
+            row.append(" / ".join(_percent(control[split].error) for split in ("train", "test") if split in control))
+            row.append(_percent(layer.selectivity))
         table.add_row(*row, style="bold" if layer.metrics["test"].error == best else None)
     return table
 

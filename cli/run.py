@@ -37,7 +37,17 @@ def run_command(
     global_pool: bool = typer.Option(False, "--global-pool", help="Pool each feature map to one value per channel."),
     channels_last: bool = typer.Option(False, "--channels-last", help="Read rank-4 tensors as (N, H, W, C)."),
     no_reduce: bool = typer.Option(False, "--no-reduce", help="Probe every layer at full size."),
-    l2: float = typer.Option(FIT.l2, help="L2 strength on the probe weights (next to the mean cross-entropy)."),
+    l2: str = typer.Option(
+        ",".join(f"{value:g}" for value in FIT.l2_path), help="L2 strength on the probe weights (next to the mean "
+        "cross-entropy); several, comma-separated, are tried strongest first and the best on validation is kept.",
+    ),
+    threads: int = typer.Option(
+        None, min=1, help="Probes fitted at once [default: one per available core].", show_default=False
+    ),
+    control: bool = typer.Option(
+        False, "--control", help="Also fit each layer a probe on control labels (a fixed random class per distinct "
+        "input) and report selectivity: control test error minus real test error.",
+    ),
     batch_size: int = typer.Option(256, min=1, help="Samples per forward pass."),
     layers_per_pass: int = typer.Option(
         None, min=1, help="Expose at most this many layers per pass over the data (more passes, less memory).",
@@ -77,7 +87,8 @@ def run_command(
         images = {"size": image_size, "resize": resize, "scale": pixel_scale, "mean": _floats(pixel_mean, "--pixel-mean"),
                   "std": _floats(pixel_std, "--pixel-std")}  # fmt: skip
         probe_and_write(
-            model, data, out, layers=layers, policy=policy, fit=FitOptions(l2=l2), batch_size=batch_size,
+            model, data, out, layers=layers, policy=policy, fit=FitOptions(l2=_floats(l2, "--l2"), threads=threads),
+            control_task=control, batch_size=batch_size,
             seed=seed, fractions=(valid_fraction, test_fraction), device=device, cache=cache, images=images,
             layers_per_pass=layers_per_pass, quiet=quiet, as_json=as_json,
         )  # fmt: skip
@@ -135,7 +146,7 @@ def probe_and_write(
     model: Path, data: Path, out: Path, *, layers: str | None = None, policy: ReductionPolicy = POLICY,
     fit: FitOptions = FIT, batch_size: int = 256, seed: int = 0, fractions: tuple[float, float] = (0.1, 0.2),
     device: str = "auto", cache: FeatureCache | None = None, images: dict | None = None,
-    layers_per_pass: int | None = None, quiet: bool = False, as_json: bool = False,
+    layers_per_pass: int | None = None, control_task: bool = False, quiet: bool = False, as_json: bool = False,
 ) -> None:  # fmt: skip
     """Load, probe, write the results, then show them; nothing is written unless everything succeeded."""
     from probecore.backends.onnx_source import OnnxSource  # loads onnx: not needed for `probe --help`
@@ -146,7 +157,7 @@ def probe_and_write(
     entries = probecore.parse_layer_spec(layers) if layers else None
     with progress_bars(quiet or as_json) as progress:
         report = probecore.run_probes(
-            source, dataset, entries, policy, fit, batch_size, progress, cache, layers_per_pass
+            source, dataset, entries, policy, fit, batch_size, progress, cache, layers_per_pass, control_task
         )
     report.settings.update({"data": str(data), "seed": seed})
     if preprocessing is not None:

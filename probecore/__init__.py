@@ -17,7 +17,7 @@ from .errors import CacheError, DataError, LayerSelectionError, ModelError, Prob
 from .feature_cache import FeatureCache
 from .layers import parse_layer_spec, select_layers
 from .pipeline import ExtractedFeatures, extract_features, run_probes
-from .probe import FitOptions, Probe, fit_probe
+from .probe import FitOptions, PathPoint, Probe, fit_probe, fit_probes
 from .reduction import Reduction, ReductionPolicy, plan_reduction
 from .report import LayerResult, ProbeReport
 from .softmax import SplitMetrics
@@ -37,6 +37,7 @@ __all__ = [
     "LayerInfo",
     "LayerResult",
     "LayerSelectionError",
+    "PathPoint",
     "ModelError",
     "Probe",
     "ProbeError",
@@ -49,6 +50,7 @@ __all__ = [
     "SplitMetrics",
     "extract_features",
     "fit_probe",
+    "fit_probes",
     "load_dataset",
     "parse_layer_spec",
     "plan_reduction",

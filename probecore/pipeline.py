@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import platform
 import time
@@ -14,14 +15,15 @@ import numpy as np
 from .datasets import Dataset, fingerprint
 from .feature_cache import FeatureCache
 from .layers import select_layers
-from .probe import FitOptions, fit_probe
+from .control import control_labels
+from .probe import FitOptions, Probe, fit_probes
 from .errors import ReductionError
 from .reduction import Reduction, ReductionPolicy, plan_reduction
 from .report import LayerResult, ProbeReport
 from .softmax import SplitMetrics
 from .source import ActivationSource, LayerInfo, ReducingSource
 
-# progress(stage, completed, total, detail): stage is "extract" (samples) or "fit" (layers).
+# progress(stage, completed, total, detail): stage is "extract" (samples), "fit" or "control" (layers).
 ProgressCallback = Callable[[str, int, int, str], None]
 RECORDED_PACKAGES = ("probecore", "numpy", "scipy", "numba", "onnx", "onnxruntime", "onnxruntime-gpu")
 
@@ -48,12 +50,15 @@ def run_probes(
     progress: ProgressCallback | None = None,
     cache: FeatureCache | None = None,
     layers_per_pass: int | None = None,
+    control_task: bool = False,
 ) -> ProbeReport:
     """Fit one probe per chosen layer of ``source`` on ``dataset`` and measure it on every split.
 
     ``layers`` takes entries as ``select_layers`` does (names, globs, ``op:Type``); None probes the source's
     default layers. Activations are reduced as they arrive, so only reduced features are ever held whole;
-    with a ``cache`` they are kept on disk and reused by later runs (see ``extract_features``).
+    with a ``cache`` they are kept on disk and reused by later runs (see ``extract_features``). Layers are
+    fitted ``fit.threads`` at a time. ``control_task`` also fits each layer a probe on control labels
+    (``control.py``) at the strength its real probe chose, and reports selectivity.
     """
     started = time.perf_counter()
     progress = progress or (lambda *args: None)
@@ -61,15 +66,29 @@ def run_probes(
     extracted = extract_features(source, dataset, chosen, policy, batch_size, progress, cache, layers_per_pass)
     extract_seconds = time.perf_counter() - started
 
-    results = []
     n_classes = len(dataset.classes)
-    for index, layer in enumerate(chosen):
-        progress("fit", index, len(chosen), layer.name)
-        by_split = extracted.by_layer.pop(layer.name)  # free each layer's features once fitted
-        probe = fit_probe(by_split["train"], dataset.train.y, n_classes, by_split["valid"], dataset.valid.y, fit)
+    features = extracted.by_layer
+    probes = _fit_layers(features, dataset.train.y, dataset.valid.y, n_classes, fit, progress, "fit")
+    controls = {}
+    if control_task:
+        labels = control_labels(dataset)
+        by_strength: dict[float, list[str]] = {}
+        for name, probe in probes.items():
+            by_strength.setdefault(probe.l2, []).append(name)
+        for l2, names in by_strength.items():  # each control probe as its real one: same strength
+            chosen_fit = dataclasses.replace(fit, l2=l2)
+            group = {name: features[name] for name in names}
+            fitted = _fit_layers(group, labels["train"], labels["valid"], n_classes, chosen_fit, progress, "control")
+            controls.update(
+                {name: {split: probe.evaluate(group[name][split], labels[split]) for split in labels}
+                 for name, probe in fitted.items()}
+            )  # fmt: skip
+    results = []
+    for layer in chosen:
+        probe, by_split = probes[layer.name], features[layer.name]
         metrics = {name: probe.evaluate(by_split[name], split.y) for name, split in dataset.splits().items()}
-        results.append(_layer_result(layer, extracted.reductions[layer.name], metrics, probe))
-    progress("fit", len(chosen), len(chosen), "")
+        results.append(_layer_result(layer, extracted.reductions[layer.name], metrics, probe, controls.get(layer.name)))
+    fit_seconds = time.perf_counter() - started - extract_seconds
 
     model_test = None
     if extracted.model_test_scores is not None:
@@ -86,7 +105,12 @@ def run_probes(
         "cache": None
         if cache is None
         else {"dir": str(cache.root), "storage": cache.storage_dtype, "splits_from_cache": extracted.splits_from_cache},
-        "seconds": {"extract": round(extract_seconds, 3), "total": round(time.perf_counter() - started, 3)},
+        "control_task": control_task,
+        "seconds": {
+            "extract": round(extract_seconds, 3),
+            "fit": round(fit_seconds, 3),
+            "total": round(time.perf_counter() - started, 3),
+        },
         "versions": {"python": platform.python_version(), **package_versions()},
     }
     return ProbeReport(
@@ -248,7 +272,22 @@ def _output_predicting(available: Sequence[LayerInfo], classes: np.ndarray) -> L
     return None
 
 
-def _layer_result(layer: LayerInfo, reduction: Reduction, metrics, probe) -> LayerResult:
+def _fit_layers(features, train_labels, valid_labels, n_classes, fit, progress, stage) -> dict[str, Probe]:
+    """``fit_probes`` over every layer of ``features`` (layer -> split -> array), reporting progress."""
+    names = list(features)
+    finished = []
+    progress(stage, 0, len(names), "")
+
+    def done(name: str, probe: Probe) -> None:
+        finished.append(name)
+        progress(stage, len(finished), len(names), name)
+
+    train = {name: features[name]["train"] for name in names}
+    valid = {name: features[name]["valid"] for name in names}
+    return fit_probes(train, train_labels, n_classes, valid, valid_labels, fit, done)
+
+
+def _layer_result(layer: LayerInfo, reduction: Reduction, metrics, probe: Probe, control) -> LayerResult:
     return LayerResult(
         name=layer.name,
         op_type=layer.op_type,
@@ -258,6 +297,9 @@ def _layer_result(layer: LayerInfo, reduction: Reduction, metrics, probe) -> Lay
         n_iter=probe.n_iter,
         stop_reason=probe.stop_reason,
         fit_seconds=probe.fit_seconds,
+        l2=probe.l2,
+        l2_path=[point.to_dict() for point in probe.path],
+        control=control,
     )
 
 

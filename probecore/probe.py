@@ -1,15 +1,20 @@
-"""Fitting one linear softmax probe: L-BFGS on the convex loss, early stopping on the validation split."""
+"""Fitting linear softmax probes: L-BFGS on the convex loss along a path of L2 strengths, early stopping on
+the validation split, and several layers' probes at once."""
 
 from __future__ import annotations
 
+import os
 import time
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass, field
 
 import numpy as np
-from threadpoolctl import threadpool_limits
 
 from .errors import ProbeError
-from .softmax import SoftmaxLoss, SplitMetrics, log_softmax, split_metrics
+from .softmax import KERNELS, SoftmaxLoss, SplitMetrics, log_softmax, mean_cross_entropy, split_metrics
+
+DEFAULT_L2 = (1e-1, 1e-2, 1e-3, 1e-4, 1e-5)
 
 
 @dataclass(frozen=True)
@@ -18,27 +23,60 @@ class FitOptions:
 
     ``l2`` multiplies ``||W||^2 / 2`` next to the *mean* cross-entropy, so it does not scale with the number
     of samples (scikit-learn's ``C`` is ``1 / (l2 * n_train)``, or twice that for two classes, where it fits
-    one weight vector instead of two). Fitting stops when the validation loss has
-    not improved for ``patience`` L-BFGS iterations, keeping the best parameters seen, or when L-BFGS
-    converges (``tol``) or reaches ``max_iter``. Features are standardized with the training split's mean
-    and spread unless ``standardize`` is False.
+    one weight vector instead of two). One value fixes the strength; several (the default, log-spaced) are a
+    path: fitted strongest first, each fit starting from the previous one's weights, and the strength with
+    the lowest validation loss is kept. The path stops early once a strength does worse on validation than
+    the best one so far (validation loss is U-shaped in the strength).
 
-    ``blas_threads`` caps BLAS threads while fitting (None leaves them alone): the products here are small,
-    and waiting on BLAS thread hand-offs made fits 4 to 9 times slower on 2 cores (benchmarks/README.md).
+    Each fit stops when the validation loss has not improved for ``patience`` L-BFGS iterations, keeping the
+    best parameters seen, or when L-BFGS converges (``tol``) or reaches ``max_iter``. Features are
+    standardized with the training split's mean and spread unless ``standardize`` is False.
+
+    Threads: ``fit_probes`` fits up to ``threads`` layers at once (None: one per available core), and every
+    fit runs its BLAS products on ``blas_threads`` threads (None leaves the libraries' pools alone). One
+    layer per core with single-threaded BLAS keeps the machine busy without oversubscribing it; waiting on
+    BLAS thread hand-offs made small fits 4 to 9 times slower on 2 cores (benchmarks/README.md).
+    ``kernel`` picks the loss evaluation (``softmax.SoftmaxLoss``): ``auto`` takes the faster one per shape.
     """
 
-    l2: float = 3e-3
+    l2: float | Sequence[float] = DEFAULT_L2
     max_iter: int = 1000
-    patience: int = 50
+    patience: int = 10
     tol: float = 1e-7
     standardize: bool = True
+    threads: int | None = None
     blas_threads: int | None = 1
+    kernel: str = "auto"
 
     def __post_init__(self):
-        if not self.l2 >= 0:
-            raise ProbeError(f"l2 must be zero or positive, got {self.l2}")
+        strengths = (self.l2,) if np.isscalar(self.l2) else tuple(self.l2)
+        if not strengths or not all(float(value) >= 0 for value in strengths):
+            raise ProbeError(f"l2 must be one or more strengths, zero or positive, got {self.l2}")
+        object.__setattr__(self, "l2", strengths[0] if len(strengths) == 1 else tuple(map(float, strengths)))
         if self.max_iter < 1 or self.patience < 1:
             raise ProbeError(f"max_iter and patience must be at least 1, got {self.max_iter} and {self.patience}")
+        if self.threads is not None and self.threads < 1:
+            raise ProbeError(f"threads must be at least 1, got {self.threads}")
+        if self.kernel not in KERNELS:
+            raise ProbeError(f"kernel must be one of {', '.join(KERNELS)}, got {self.kernel!r}")
+
+    @property
+    def l2_path(self) -> tuple[float, ...]:
+        """The strengths to try, strongest first."""
+        return tuple(sorted((float(value) for value in np.atleast_1d(self.l2)), reverse=True))
+
+
+@dataclass(frozen=True)
+class PathPoint:
+    """One strength of the regularization path: the validation loss of its best parameters, and its cost."""
+
+    l2: float
+    valid_loss: float | None
+    n_iter: int
+    stop_reason: str  # "converged", "early_stopping" or "max_iter"
+
+    def to_dict(self) -> dict:
+        return {"l2": self.l2, "valid_loss": self.valid_loss, "iterations": self.n_iter, "stop_reason": self.stop_reason}
 
 
 @dataclass
@@ -49,9 +87,11 @@ class Probe:
     bias: np.ndarray  # (C,) float32
     mean: np.ndarray  # (d,) float32
     scale: np.ndarray  # (d,) float32
-    n_iter: int
-    stop_reason: str  # "converged", "early_stopping" or "max_iter"
+    l2: float  # the strength chosen (the only one, or the path's best on validation)
+    n_iter: int  # L-BFGS iterations, the whole path
+    stop_reason: str  # of the chosen strength's fit
     fit_seconds: float
+    path: list[PathPoint] = field(default_factory=list)
 
     def log_proba(self, features: np.ndarray) -> np.ndarray:
         standardized = (np.asarray(features, dtype=np.float32) - self.mean) / self.scale
@@ -74,9 +114,61 @@ def fit_probe(
     options: FitOptions = FitOptions(),
 ) -> Probe:
     """Fit a probe on (N, d) features and integer labels in ``[0, n_classes)``."""
-    from scipy.optimize import minimize  # 50 MB of imports, not needed until the first fit
+    with blas_limits(options.blas_threads):
+        return _fit(train_features, train_labels, n_classes, valid_features, valid_labels, options)
 
+
+def fit_probes(
+    train: Mapping[str, np.ndarray],
+    train_labels: np.ndarray,
+    n_classes: int,
+    valid: Mapping[str, np.ndarray] | None = None,
+    valid_labels: np.ndarray | None = None,
+    options: FitOptions = FitOptions(),
+    done: Callable[[str, Probe], None] | None = None,
+) -> dict[str, Probe]:
+    """One probe per entry of ``train`` (layer name -> features), up to ``options.threads`` fitted at once.
+
+    The loss kernels release the GIL, so threads share the features without copies. Each probe is the
+    same as ``fit_probe`` would give alone. ``done(name, probe)`` is called as each one finishes."""
+    threads = options.threads or available_cores()
+    with blas_limits(options.blas_threads), ThreadPoolExecutor(max_workers=min(threads, max(len(train), 1))) as pool:
+        futures = {
+            pool.submit(
+                _fit, features, train_labels, n_classes, None if valid is None else valid[name], valid_labels, options
+            ): name
+            for name, features in train.items()
+        }
+        probes = {}
+        for future in as_completed(futures):
+            name = futures[future]
+            probes[name] = future.result()
+            if done is not None:
+                done(name, probes[name])
+    return {name: probes[name] for name in train}
+
+
+def available_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def blas_limits(threads: int | None):
+    """Cap BLAS thread pools, scipy's included: it brings its own BLAS (used by the fused kernel's products),
+    which must be loaded before the cap is set or it escapes it."""
+    import scipy.linalg  # noqa: F401  (loads scipy's BLAS)
+    from threadpoolctl import threadpool_limits
+
+    return threadpool_limits(limits=threads, user_api="blas")
+
+
+def _fit(train_features, train_labels, n_classes, valid_features, valid_labels, options: FitOptions) -> Probe:
     started = time.perf_counter()
+    path = options.l2_path
+    has_valid = valid_features is not None and valid_labels is not None
+    if len(path) > 1 and not has_valid:
+        raise ProbeError(
+            f"choosing among {len(path)} L2 strengths needs a validation split; pass one, or a single strength"
+        )
     train_features = np.asarray(train_features, dtype=np.float32)
     if options.standardize:
         mean = train_features.mean(axis=0, dtype=np.float64).astype(np.float32)
@@ -86,30 +178,49 @@ def fit_probe(
         mean = np.zeros(train_features.shape[1], np.float32)
         scale = np.ones(train_features.shape[1], np.float32)
     standardized = np.ascontiguousarray((train_features - mean) / scale)
-    loss = SoftmaxLoss(standardized, np.asarray(train_labels, np.int64), n_classes, options.l2)
+    loss = SoftmaxLoss(standardized, np.asarray(train_labels, np.int64), n_classes, path[0], options.kernel)
+    valid = None
+    if has_valid:
+        valid = ((np.asarray(valid_features, dtype=np.float32) - mean) / scale, np.asarray(valid_labels, np.int64))
+
     params = np.zeros(standardized.shape[1] * n_classes + n_classes)
+    points, best, best_params = [], None, None
+    for l2 in path:
+        loss.l2 = l2
+        params, point = _minimize(loss, params, valid, options)  # the next strength starts from here
+        points.append(point)
+        if best is None or (point.valid_loss is not None and point.valid_loss < best.valid_loss):
+            best, best_params = point, params
+        elif point.valid_loss >= best.valid_loss:
+            break  # past the bottom of the U (or flat: a weaker strength could not improve on its start)
+    weights, bias = loss.unpack(best_params)
+    n_iter = sum(point.n_iter for point in points)
+    return Probe(weights, bias, mean, scale, best.l2, n_iter, best.stop_reason, time.perf_counter() - started, points)
+
+
+def _minimize(loss: SoftmaxLoss, start: np.ndarray, valid, options: FitOptions) -> tuple[np.ndarray, PathPoint]:
+    """L-BFGS from ``start`` at ``loss.l2``: the parameters kept (best on validation, when there is one)."""
+    from scipy.optimize import minimize  # 50 MB of imports, not needed until the first fit
 
     stopper = None
-    if valid_features is not None and valid_labels is not None:
-        valid_standardized = (np.asarray(valid_features, dtype=np.float32) - mean) / scale
-        stopper = _EarlyStopping(loss, valid_standardized, np.asarray(valid_labels, np.int64), options.patience)
-    with threadpool_limits(limits=options.blas_threads, user_api="blas"):
-        result = minimize(
-            loss.value_and_grad,
-            params,
-            jac=True,
-            method="L-BFGS-B",
-            callback=stopper,
-            options={"maxiter": options.max_iter, "ftol": options.tol, "gtol": options.tol, "maxcor": 20},
-        )
-    best = result.x
+    if valid is not None:
+        stopper = _EarlyStopping(loss, *valid, options.patience)
+        stopper.consider(start)  # a warm start may already be the best this strength gets
+    result = minimize(
+        loss.value_and_grad,
+        start,
+        jac=True,
+        method="L-BFGS-B",
+        callback=stopper,
+        options={"maxiter": options.max_iter, "ftol": options.tol, "gtol": options.tol, "maxcor": 20},
+    )
     stop_reason = "converged" if result.success else "max_iter"
-    if stopper is not None:
-        best = stopper.best_params if stopper.best_params is not None else result.x
-        if stopper.stopped:
-            stop_reason = "early_stopping"
-    weights, bias = loss.unpack(best)
-    return Probe(weights, bias, mean, scale, int(result.nit), stop_reason, time.perf_counter() - started)
+    if stopper is None:
+        return result.x, PathPoint(loss.l2, None, int(result.nit), stop_reason)
+    if stopper.stopped:
+        stop_reason = "early_stopping"
+    kept = stopper.best_params if stopper.best_params is not None else result.x
+    return kept, PathPoint(loss.l2, float(stopper.best_loss), int(result.nit), stop_reason)
 
 
 class _EarlyStopping:
@@ -120,12 +231,16 @@ class _EarlyStopping:
         self.best_loss, self.best_params, self.misses, self.stopped = np.inf, None, 0, False
 
     def __call__(self, intermediate_result):
-        weights, bias = self.loss.unpack(intermediate_result.x)
-        valid_loss = split_metrics(log_softmax(self.features @ weights + bias), self.labels).loss
-        if self.best_params is None or valid_loss < self.best_loss - 1e-6 * abs(self.best_loss):
-            self.best_loss, self.best_params, self.misses = valid_loss, intermediate_result.x.copy(), 0
-            return
-        self.misses += 1
-        if self.misses >= self.patience:
+        if not self.consider(intermediate_result.x):
             self.stopped = True
             raise StopIteration
+
+    def consider(self, params: np.ndarray) -> bool:
+        """Score ``params`` on validation; False once ``patience`` in a row have not improved on the best."""
+        weights, bias = self.loss.unpack(params)
+        valid_loss = mean_cross_entropy(self.features @ weights + bias, self.labels)
+        if self.best_params is None or valid_loss < self.best_loss - 1e-6 * abs(self.best_loss):
+            self.best_loss, self.best_params, self.misses = valid_loss, params.copy(), 0
+        else:
+            self.misses += 1
+        return self.misses < self.patience

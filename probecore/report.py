@@ -28,10 +28,18 @@ class LayerResult:
     n_iter: int
     stop_reason: str
     fit_seconds: float
+    l2: float | None = None  # the strength chosen
+    l2_path: list[dict] = field(default_factory=list)  # PathPoint.to_dict() per strength tried
+    control: dict[str, SplitMetrics] | None = None  # the control task's probe, by split (control.py)
 
     @property
     def n_features(self) -> int:
         return self.reduction["features_out"]
+
+    @property
+    def selectivity(self) -> float | None:
+        """Control task test error minus real test error: how much of the probe's accuracy needs the layer."""
+        return None if self.control is None else self.control["test"].error - self.metrics["test"].error
 
     def to_dict(self) -> dict:
         return {
@@ -42,7 +50,19 @@ class LayerResult:
             "features_used": self.reduction["features_out"],
             "reduction": self.reduction,
             "metrics": {split: self.metrics[split].to_dict() for split in SPLIT_NAMES},
-            "fit": {"iterations": self.n_iter, "stop_reason": self.stop_reason, "seconds": round(self.fit_seconds, 4)},
+            "fit": {
+                "l2": self.l2,
+                "iterations": self.n_iter,
+                "stop_reason": self.stop_reason,
+                "seconds": round(self.fit_seconds, 4),
+                "l2_path": self.l2_path,
+            },
+            "control": None
+            if self.control is None
+            else {
+                "metrics": {split: self.control[split].to_dict() for split in SPLIT_NAMES},
+                "selectivity": self.selectivity,
+            },
         }
 
 
@@ -76,7 +96,7 @@ class ProbeReport:
         """One row per layer: shape, features, reduction, and loss / error / top-5 error per split."""
         header = ["layer", "op_type", "shape", "features", "features_used", "reduction"]
         header += [f"{split}_{metric}" for split in SPLIT_NAMES for metric in ("loss", "error", "top5_error")]
-        header += ["test_error_ci95_low", "test_error_ci95_high"]
+        header += ["test_error_ci95_low", "test_error_ci95_high", "l2", "control_test_error", "selectivity"]
         buffer = io.StringIO()
         writer = csv.writer(buffer, lineterminator="\n")
         writer.writerow(header)
@@ -87,6 +107,8 @@ class ProbeReport:
                 metrics = layer.metrics[split]
                 row += [_number(metrics.loss), _number(metrics.error), _number(metrics.top5_error)]
             row += [_number(bound) for bound in layer.metrics["test"].error_interval]
+            control_error = None if layer.control is None else layer.control["test"].error
+            row += [_number(layer.l2), _number(control_error), _number(layer.selectivity)]
             writer.writerow(row)
         return buffer.getvalue()
 

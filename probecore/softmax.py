@@ -16,17 +16,37 @@ def log_softmax(logits: np.ndarray) -> np.ndarray:
     return shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
 
 
+def mean_cross_entropy(logits: np.ndarray, labels: np.ndarray) -> float:
+    """``split_metrics(log_softmax(logits), labels).loss`` without the rest: early stopping's per-iteration
+    check, where the loss is all that is needed."""
+    largest = logits.max(axis=1)
+    log_norm = np.log(np.exp(logits - largest[:, None]).sum(axis=1)) + largest
+    return float((log_norm - logits[np.arange(len(labels)), labels]).mean(dtype=np.float64))
+
+
+KERNELS = ("auto", "fused", "blas")
+
+
 @dataclass
 class SoftmaxLoss:
     """Mean cross-entropy of ``softmax(X @ W + b)`` plus ``l2 / 2 * ||W||^2`` (the bias is not penalized).
 
-    Parameters travel as one flat float64 vector ``[W.ravel(), b]`` for scipy's optimizers.
+    Parameters travel as one flat float64 vector ``[W.ravel(), b]`` for scipy's optimizers. ``kernel``:
+    ``"fused"`` (``softmax_kernel``, one pass over the features), ``"blas"`` (two numpy products), or
+    ``"auto"``, the one measured faster for this shape (``prefers_fused``).
     """
 
-    features: np.ndarray  # (N, d) float32
+    features: np.ndarray  # (N, d) float32, C-contiguous
     labels: np.ndarray  # (N,) int64 in [0, n_classes)
     n_classes: int
     l2: float
+    kernel: str = "auto"
+
+    def __post_init__(self):
+        if self.kernel not in KERNELS:
+            raise ValueError(f"kernel must be one of {', '.join(KERNELS)}, got {self.kernel!r}")
+        if self.kernel == "auto":
+            self.kernel = "fused" if prefers_fused(*self.features.shape, self.n_classes) else "blas"
 
     def unpack(self, params: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         n_features = self.features.shape[1]
@@ -35,6 +55,21 @@ class SoftmaxLoss:
 
     def value_and_grad(self, params: np.ndarray) -> tuple[float, np.ndarray]:
         weights, bias = self.unpack(params)
+        loss, grad_weights, grad_bias = (self._fused if self.kernel == "fused" else self._two_pass)(weights, bias)
+        flat_weights = params[: weights.size]
+        grad_weights = grad_weights.ravel() + self.l2 * flat_weights
+        penalty = 0.5 * self.l2 * float(np.dot(flat_weights, flat_weights))
+        return loss + penalty, np.concatenate([grad_weights, grad_bias])
+
+    def _fused(self, weights, bias):
+        from .softmax_kernel import softmax_loss_grad  # numba: imported at the first fused evaluation
+
+        grad_weights = np.empty(weights.shape)
+        grad_bias = np.empty(self.n_classes)
+        loss = softmax_loss_grad(self.features, self.labels, weights, bias, grad_weights, grad_bias)
+        return loss, grad_weights, grad_bias
+
+    def _two_pass(self, weights, bias):
         n_samples = len(self.labels)
         log_probs = log_softmax(self.features @ weights + bias)
         rows = np.arange(n_samples)
@@ -42,12 +77,17 @@ class SoftmaxLoss:
         residual = np.exp(log_probs)
         residual[rows, self.labels] -= 1.0
         residual /= n_samples
-        grad_weights = (self.features.T @ residual).astype(np.float64) + self.l2 * params[: weights.size].reshape(
-            weights.shape
-        )
-        grad_bias = residual.sum(axis=0, dtype=np.float64)
-        penalty = 0.5 * self.l2 * float(np.dot(params[: weights.size], params[: weights.size]))
-        return loss + penalty, np.concatenate([grad_weights.ravel(), grad_bias])
+        return loss, (self.features.T @ residual).astype(np.float64), residual.sum(axis=0, dtype=np.float64)
+
+
+FUSED_MAX_CLASSES = 32
+
+
+def prefers_fused(n_samples: int, n_features: int, n_classes: int) -> bool:
+    """Whether the fused kernel beats the two-pass one at this shape, single-threaded (benchmarks/README.md):
+    up to a few dozen classes it saves a pass over the features; with more, its per-class exp and
+    normalisation loops (scalar in numba, vectorized in numpy) cost more than that pass."""
+    return n_classes <= FUSED_MAX_CLASSES
 
 
 @dataclass(frozen=True)

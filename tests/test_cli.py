@@ -66,8 +66,35 @@ def test_run_prints_the_table(tmp_path, demo_arrays):
     data = small_npz(tmp_path / "data.npz", demo_arrays)
     result = invoke("run", DEMO_MODEL, "--data", data, "--out", tmp_path / "r", "--layers", "relu3,logits")
     assert result.exit_code == 0, result.output
-    assert "relu3" in result.stdout and "error % train/valid/test" in result.stdout
+    assert "relu3" in result.stdout and "error % tr/va/te" in result.stdout
     assert "model's own test error (logits)" in result.stdout
+
+
+def test_run_with_a_chosen_strength_and_the_control_task(tmp_path, demo_arrays):
+    data = small_npz(tmp_path / "data.npz", demo_arrays)
+    out = tmp_path / "results"
+    result = invoke("run", DEMO_MODEL, "--data", data, "--out", out, "--layers", "relu3,logits", "--l2", "1e-2",
+                    "--control", "--threads", "1")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "selectivity" in result.stdout and "control err" in result.stdout
+    report = json.loads((out / "report.json").read_text())
+    assert report["settings"]["fit"]["l2"] == 1e-2 and report["settings"]["control_task"] is True
+    for layer in report["layers"]:
+        assert layer["fit"]["l2"] == 1e-2 and [point["l2"] for point in layer["fit"]["l2_path"]] == [1e-2]
+        control, test = layer["control"], layer["metrics"]["test"]
+        assert control["selectivity"] == pytest.approx(control["metrics"]["test"]["error"] - test["error"])
+        assert control["selectivity"] > 0.5  # digits never repeat: the control probe is at chance on test
+    rows = (out / "probes.csv").read_text().splitlines()
+    assert rows[0].endswith("l2,control_test_error,selectivity") and len(rows) == 3
+
+
+def test_run_tries_every_strength_given(tmp_path, demo_arrays):
+    data = small_npz(tmp_path / "data.npz", demo_arrays)
+    result = invoke("run", DEMO_MODEL, "--data", data, "--out", tmp_path / "r", "--layers", "relu3", "--l2", "1e-3,1e-1",
+                    "--json")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    (layer,) = json.loads(result.stdout)["layers"]
+    assert [point["l2"] for point in layer["fit"]["l2_path"]][0] == 1e-1 and layer["fit"]["l2"] in (1e-1, 1e-3)
 
 
 def not_onnx(tmp, arrays):
@@ -96,6 +123,14 @@ def missing_data(tmp, arrays):
     return DEMO_MODEL, tmp / "nope.npz", []
 
 
+def l2_not_a_number(tmp, arrays):
+    return DEMO_MODEL, small_npz(tmp / "d.npz", arrays), ["--l2", "1e-3,strong"]
+
+
+def l2_negative(tmp, arrays):
+    return DEMO_MODEL, small_npz(tmp / "d.npz", arrays), ["--l2", "-1"]
+
+
 BAD_INPUTS = [
     (not_onnx, "is not an ONNX model"),
     (unknown_layer, "unknown layer 'relu9'; did you mean relu3, relu2, relu1?"),
@@ -103,6 +138,8 @@ BAD_INPUTS = [
     (missing_key, "needs keys x_train, y_train, x_test, y_test"),
     (input_shape, "per-sample shape (784,), but model input 'pixels' expects (1, 28, 28)"),
     (missing_data, "data file not found"),
+    (l2_not_a_number, "--l2 takes comma-separated numbers"),
+    (l2_negative, "l2 must be one or more strengths, zero or positive"),
 ]
 
 

@@ -1,4 +1,5 @@
-"""fit_probe against scikit-learn's LogisticRegression, early stopping, and the fitted Probe's methods."""
+"""fit_probe against scikit-learn's LogisticRegression, the regularization path, early stopping, fitting
+several layers at once, and the fitted Probe's methods."""
 
 import numpy as np
 import pytest
@@ -6,7 +7,7 @@ from sklearn.linear_model import LogisticRegression
 
 import reference as ref
 from probecore.errors import ProbeError
-from probecore.probe import FitOptions, Probe, fit_probe
+from probecore.probe import FitOptions, Probe, fit_probe, fit_probes
 from probecore.softmax import split_metrics
 
 
@@ -54,11 +55,12 @@ SKLEARN_CASES = [
 ]  # fmt: skip
 
 
+@pytest.mark.parametrize("kernel", ["fused", "blas"])
 @pytest.mark.parametrize("n, d, c, l2", SKLEARN_CASES)
-def test_fit_without_validation_reaches_sklearn_optimum(n, d, c, l2):
+def test_fit_without_validation_reaches_sklearn_optimum(n, d, c, l2, kernel):
     rng = np.random.default_rng([1, n, d, c])
     features, labels = _linear_data(rng, n, d, c)
-    probe = fit_probe(features, labels, c, options=FitOptions(l2=l2))
+    probe = fit_probe(features, labels, c, options=FitOptions(l2=l2, kernel=kernel))
     assert probe.stop_reason == "converged"
 
     (standardized,) = _standardize(features)
@@ -133,7 +135,7 @@ def test_constant_features_give_finite_probes_equal_to_fits_without_them():
 def test_all_features_constant_gives_the_class_frequencies():
     rng = np.random.default_rng(6)
     labels = rng.integers(0, 3, size=300)
-    probe = fit_probe(np.full((300, 4), 2.5, np.float32), labels, 3)
+    probe = fit_probe(np.full((300, 4), 2.5, np.float32), labels, 3, options=FitOptions(l2=1e-3))
     frequencies = np.bincount(labels, minlength=3) / 300
     np.testing.assert_allclose(np.exp(probe.log_proba(np.zeros((2, 4), np.float32))), [frequencies] * 2, atol=1e-4)
 
@@ -162,6 +164,7 @@ def test_probe_from_given_parameters_predicts_the_arg_max_of_its_scores():
         bias=rng.standard_normal(c).astype(np.float32),
         mean=rng.standard_normal(d).astype(np.float32),
         scale=rng.uniform(0.5, 2, size=d).astype(np.float32),
+        l2=1e-3,
         n_iter=0,
         stop_reason="converged",
         fit_seconds=0.0,
@@ -171,9 +174,75 @@ def test_probe_from_given_parameters_predicts_the_arg_max_of_its_scores():
     np.testing.assert_array_equal(probe.predict(features), scores.argmax(axis=1))
 
 
+def _path_problem(seed, n=1200, d=40, c=5, noise=2.0):
+    rng = np.random.default_rng(seed)
+    features, labels = _linear_data(rng, 2 * n, d, c, noise=noise)
+    train, valid = slice(0, n), slice(n, None)
+    return features[train], labels[train], features[valid], labels[valid]
+
+
+def test_the_path_keeps_the_strength_with_the_lowest_validation_loss():
+    x_train, y_train, x_valid, y_valid = _path_problem(11)
+    probe = fit_probe(x_train, y_train, 5, x_valid, y_valid, FitOptions(l2=(1e-4, 1.0, 1e-2, 1e-1, 1e-3)))
+    strengths = [point.l2 for point in probe.path]
+    assert strengths == sorted(strengths, reverse=True) and strengths[0] == 1.0  # strongest first
+    best = min(probe.path, key=lambda point: point.valid_loss)
+    assert probe.l2 == best.l2 and probe.stop_reason == best.stop_reason
+    assert probe.evaluate(x_valid, y_valid).loss == pytest.approx(best.valid_loss, rel=1e-5)
+    assert probe.n_iter == sum(point.n_iter for point in probe.path)
+
+
+def test_the_path_stops_once_a_weaker_strength_does_no_better():
+    # 200 noisy samples: validation loss falls down to l2 = 1e-2; 1e-3 cannot improve on the weights it
+    # starts from (early stopping keeps them), so weaker strengths are never tried
+    x_train, y_train, x_valid, y_valid = _path_problem(12, n=200, noise=3.0)
+    probe = fit_probe(x_train, y_train, 5, x_valid, y_valid, FitOptions(l2=(1.0, 1e-1, 1e-2, 1e-3, 1e-4, 1e-5)))
+    losses = [point.valid_loss for point in probe.path]
+    assert 2 <= len(losses) < 6
+    assert all(later < earlier for earlier, later in zip(losses[:-2], losses[1:-1]))  # fell until the last
+    assert losses[-1] >= min(losses) and probe.l2 == probe.path[-2].l2
+
+
+def test_warm_starts_make_the_path_cheaper_than_fitting_each_strength_from_zero():
+    x_train, y_train, x_valid, y_valid = _path_problem(13, d=100, noise=1.0)
+    grid = (1e-2, 1e-3, 1e-4)
+    path = fit_probe(x_train, y_train, 5, x_valid, y_valid, FitOptions(l2=grid, patience=10_000))
+    cold = [fit_probe(x_train, y_train, 5, x_valid, y_valid, FitOptions(l2=l2, patience=10_000)) for l2 in grid]
+    assert [point.l2 for point in path.path] == list(grid)
+    assert path.path[0].n_iter == cold[0].n_iter  # the first strength starts from zero either way
+    for warm, alone in zip(path.path[1:], cold[1:]):
+        assert warm.n_iter < alone.n_iter
+
+
+def test_a_path_without_a_validation_split_is_refused():
+    x_train, y_train, _, _ = _path_problem(14, n=100)
+    with pytest.raises(ProbeError, match="needs a validation split"):
+        fit_probe(x_train, y_train, 5, options=FitOptions(l2=(1e-2, 1e-3)))
+
+
+def test_fitting_layers_at_once_gives_the_probes_fitted_one_by_one():
+    rng = np.random.default_rng(15)
+    layers = {f"layer{i}": _linear_data(rng, 900, 10 + 10 * i, 4)[0] for i in range(4)}
+    labels = _linear_data(rng, 900, 5, 4)[1]
+    train = {name: x[:600] for name, x in layers.items()}
+    valid = {name: x[600:] for name, x in layers.items()}
+    finished = []
+    options = FitOptions(threads=3)
+    together = fit_probes(train, labels[:600], 4, valid, labels[600:], options, done=lambda name, _: finished.append(name))
+    assert list(together) == list(layers) and sorted(finished) == sorted(layers)
+    for name in layers:
+        alone = fit_probe(train[name], labels[:600], 4, valid[name], labels[600:], options)
+        np.testing.assert_array_equal(together[name].weights, alone.weights)
+        assert together[name].l2 == alone.l2
+
+
 @pytest.mark.parametrize(
-    "bad", [dict(l2=-1e-6), dict(l2=-1.0), dict(l2=float("nan")), dict(max_iter=0), dict(patience=0)]
-)
+    "bad",
+    [
+        dict(l2=-1e-6), dict(l2=-1.0), dict(l2=float("nan")), dict(l2=()), dict(l2=(1e-2, -1e-3)),
+        dict(max_iter=0), dict(patience=0), dict(threads=0), dict(kernel="gpu"),
+    ],
+)  # fmt: skip
 def test_fit_options_reject_invalid_values(bad):
     with pytest.raises(ProbeError):
         FitOptions(**bad)

@@ -33,6 +33,22 @@ def test_report_files_hold_every_layer(tmp_path):
     assert [row["layer"] for row in rows] == ["layer0", "layer1", "layer2"]
     assert rows[2]["test_error"] == "0.2" and rows[0]["shape"] == "4x4x4" and rows[0]["test_top5_error"] == ""
     assert rows[0]["test_error_ci95_low"] == "0" and float(rows[0]["test_error_ci95_high"]) > 0.2
+    assert rows[0]["l2"] == "" and rows[0]["selectivity"] == "" and data["layers"][0]["control"] is None
+
+
+def test_chosen_strength_path_and_control_task_are_written(tmp_path):
+    report = make_report(1)
+    layer = report.layers[0]
+    layer.l2 = 1e-3
+    layer.l2_path = [{"l2": 1e-2, "valid_loss": 0.7, "iterations": 9, "stop_reason": "converged"},
+                     {"l2": 1e-3, "valid_loss": 0.6, "iterations": 4, "stop_reason": "early_stopping"}]  # fmt: skip
+    layer.control = {split: SplitMetrics(10, 2.0, 0.7, None) for split in ("train", "valid", "test")}
+    out = report.write(tmp_path / "results")
+    written = json.loads((out / "report.json").read_text())["layers"][0]
+    assert written["fit"]["l2"] == 1e-3 and written["fit"]["l2_path"] == layer.l2_path
+    assert written["control"]["selectivity"] == pytest.approx(0.7) and written["control"]["metrics"]["test"]["error"] == 0.7
+    (row,) = csv.DictReader((out / "probes.csv").open())
+    assert row["l2"] == "0.001" and row["control_test_error"] == "0.7" and float(row["selectivity"]) == pytest.approx(0.7)
 
 
 def test_existing_directory_gets_its_files_replaced_and_keeps_others(tmp_path):

@@ -4,23 +4,29 @@ import numpy as np
 import pytest
 
 import reference as ref
-from probecore.softmax import SoftmaxLoss, log_softmax, split_metrics
+from probecore.softmax import SoftmaxLoss, log_softmax, mean_cross_entropy, split_metrics
 
-# (N, d, C, l2)
-LOSS_CASES = [(1, 1, 2, 0.0), (20, 3, 2, 0.1), (50, 7, 3, 1e-3), (200, 16, 10, 1e-2), (64, 5, 50, 0.5)]
+# (N, d, C, l2); the fused kernel works in blocks of 262144 / d rows (16 to 1024), so the last two cases
+# span several blocks and end in a partial one
+LOSS_CASES = [
+    (1, 1, 2, 0.0), (20, 3, 2, 0.1), (50, 7, 3, 1e-3), (200, 16, 10, 1e-2), (64, 5, 50, 0.5),
+    (2500, 300, 7, 1e-3), (3001, 40, 2, 0.0),
+]  # fmt: skip
+KERNELS = ["fused", "blas"]
 
 
-def _problem(rng, n, d, c, l2, scale=0.5):
+def _problem(rng, n, d, c, l2, scale=0.5, kernel="auto"):
     features = rng.standard_normal((n, d)).astype(np.float32)
     labels = rng.integers(0, c, size=n)
     params = rng.standard_normal(d * c + c) * scale
-    return SoftmaxLoss(features, labels, c, l2), params
+    return SoftmaxLoss(features, labels, c, l2, kernel), params
 
 
+@pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("n, d, c, l2", LOSS_CASES)
-def test_value_and_grad_match_float64_reference(n, d, c, l2):
+def test_value_and_grad_match_float64_reference(n, d, c, l2, kernel):
     rng = np.random.default_rng([1, n, d, c])
-    loss, params = _problem(rng, n, d, c, l2)
+    loss, params = _problem(rng, n, d, c, l2, kernel=kernel)
     value, grad = loss.value_and_grad(params)
 
     weights, bias = params[: d * c].reshape(d, c), params[d * c :]
@@ -43,12 +49,13 @@ def test_bias_is_not_penalized():
     np.testing.assert_array_equal(grad_l2[12:], grad[12:])
 
 
+@pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("n, d, c, l2", LOSS_CASES[1:])
-def test_gradient_matches_central_differences_along_random_directions(n, d, c, l2):
+def test_gradient_matches_central_differences_along_random_directions(n, d, c, l2, kernel):
     # Compute is float32, so use a step large enough that float32 rounding of the loss (~1e-7) stays far
     # below the difference, and compare directional derivatives rather than every coordinate.
     rng = np.random.default_rng([3, n, d, c])
-    loss, params = _problem(rng, n, d, c, l2)
+    loss, params = _problem(rng, n, d, c, l2, kernel=kernel)
     _, grad = loss.value_and_grad(params)
     step = 1e-2
     for _ in range(5):
@@ -60,10 +67,11 @@ def test_gradient_matches_central_differences_along_random_directions(n, d, c, l
         np.testing.assert_allclose(grad @ direction, numeric, rtol=1e-3, atol=1e-4 * np.linalg.norm(grad))
 
 
-def test_gradient_matches_central_differences_coordinate_by_coordinate():
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_gradient_matches_central_differences_coordinate_by_coordinate(kernel):
     rng = np.random.default_rng(4)
     n, d, c = 40, 3, 4
-    loss, params = _problem(rng, n, d, c, l2=0.05, scale=1.0)
+    loss, params = _problem(rng, n, d, c, l2=0.05, scale=1.0, kernel=kernel)
     _, grad = loss.value_and_grad(params)
     step = 1e-2
     numeric = np.empty_like(params)
@@ -72,6 +80,24 @@ def test_gradient_matches_central_differences_coordinate_by_coordinate():
         offset[i] = step
         numeric[i] = (loss.value_and_grad(params + offset)[0] - loss.value_and_grad(params - offset)[0]) / (2 * step)
     np.testing.assert_allclose(grad, numeric, rtol=1e-3, atol=2e-4 * np.abs(grad).max())
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_huge_logits_give_finite_loss_and_gradient(kernel):
+    rng = np.random.default_rng(9)
+    loss, params = _problem(rng, 300, 6, 5, l2=0.0, scale=300.0, kernel=kernel)  # logits in the thousands
+    value, grad = loss.value_and_grad(params)
+    weights, bias = params[:30].reshape(6, 5), params[30:]
+    ref_value, ref_grad_w, ref_grad_b = ref.softmax_objective(loss.features, loss.labels, weights, bias, 0.0)
+    np.testing.assert_allclose(value, ref_value, rtol=1e-4)
+    np.testing.assert_allclose(grad, np.concatenate([ref_grad_w.ravel(), ref_grad_b]), rtol=1e-3, atol=1e-3)
+
+
+def test_auto_picks_a_kernel_and_an_unknown_one_is_refused():
+    rng = np.random.default_rng(10)
+    assert _problem(rng, 10, 3, 2, 0.0)[0].kernel in KERNELS
+    with pytest.raises(ValueError, match="kernel must be one of"):
+        _problem(rng, 10, 3, 2, 0.0, kernel="gpu")
 
 
 @pytest.mark.parametrize("dtype, offset", [(np.float64, 2000.0), (np.float32, 200.0)], ids=["float64", "float32"])
@@ -153,3 +179,12 @@ def test_error_interval_covers_the_true_error_at_least_95_percent_of_the_time():
         low, high = SplitMetrics(trials, None, errors / trials, None).error_interval
         covered += low <= true_error <= high
     assert 0.95 <= covered / 2000 <= 0.995
+
+
+@pytest.mark.parametrize("n, c, offset", [(1, 2, 0.0), (40, 7, 0.0), (300, 50, 500.0)])
+def test_mean_cross_entropy_is_the_split_metrics_loss(n, c, offset):
+    rng = np.random.default_rng([11, n, c])
+    logits = (rng.normal(size=(n, c)) * 5 + offset).astype(np.float32)
+    labels = rng.integers(0, c, n)
+    expected = ref.split_metrics(ref.log_softmax(logits.astype(np.float64)), labels)[0]
+    assert mean_cross_entropy(logits, labels) == pytest.approx(expected, rel=1e-5)
