@@ -39,7 +39,7 @@ def run_command(
     no_reduce: bool = typer.Option(False, "--no-reduce", help="Probe every layer at full size."),
     l2: str = typer.Option(
         ",".join(f"{value:g}" for value in FIT.l2_path), help="L2 strength on the probe weights (next to the mean "
-        "cross-entropy); several, comma-separated, are tried strongest first and the best on validation is kept.",
+        "cross-entropy); several, comma-separated, are fitted strongest first and the best on validation is kept.",
     ),
     threads: int = typer.Option(
         None, min=1, help="Probes fitted at once [default: one per available core].", show_default=False

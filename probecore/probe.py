@@ -25,12 +25,13 @@ class FitOptions:
     of samples (scikit-learn's ``C`` is ``1 / (l2 * n_train)``, or twice that for two classes, where it fits
     one weight vector instead of two). One value fixes the strength; several (the default, log-spaced) are a
     path: fitted strongest first, each fit starting from the previous one's weights, and the strength with
-    the lowest validation loss is kept. The path stops early once a strength does worse on validation than
-    the best one so far (validation loss is U-shaped in the strength).
-
-    Each fit stops when the validation loss has not improved for ``patience`` L-BFGS iterations, keeping the
-    best parameters seen, or when L-BFGS converges (``tol``) or reaches ``max_iter``. Features are
-    standardized with the training split's mean and spread unless ``standardize`` is False.
+    the lowest validation loss is kept. Every fit runs until L-BFGS converges (``tol``) or reaches
+    ``max_iter``, so the probe kept is the optimum at the strength reported. The path stops at the first
+    strength whose optimum does no better on validation than the best so far (validation loss is U-shaped
+    in the strength); early stopping on the validation split cuts that last fit short: once its validation
+    loss has stayed at or above the best strength's for ``patience`` iterations, it cannot win. A single
+    strength is fitted to convergence, the validation split then only scored. Features are standardized
+    with the training split's mean and spread unless ``standardize`` is False.
 
     Threads: ``fit_probes`` fits up to ``threads`` layers at once (None: one per available core), and every
     fit runs its BLAS products on ``blas_threads`` threads (None leaves the libraries' pools alone). One
@@ -42,7 +43,7 @@ class FitOptions:
     l2: float | Sequence[float] = DEFAULT_L2
     max_iter: int = 1000
     patience: int = 10
-    tol: float = 1e-7
+    tol: float = 1e-6
     standardize: bool = True
     threads: int | None = None
     blas_threads: int | None = 1
@@ -187,25 +188,25 @@ def _fit(train_features, train_labels, n_classes, valid_features, valid_labels, 
     points, best, best_params = [], None, None
     for l2 in path:
         loss.l2 = l2
-        params, point = _minimize(loss, params, valid, options)  # the next strength starts from here
+        reference = None if best is None else best.valid_loss
+        params, point = _minimize(loss, params, valid, reference, options)  # the next strength starts here
         points.append(point)
-        if best is None or (point.valid_loss is not None and point.valid_loss < best.valid_loss):
-            best, best_params = point, params
-        elif point.valid_loss >= best.valid_loss:
-            break  # past the bottom of the U (or flat: a weaker strength could not improve on its start)
+        if best is not None and (point.stop_reason == "early_stopping" or point.valid_loss >= best.valid_loss):
+            break  # past the bottom of the U: weaker strengths would do worse still
+        best, best_params = point, params
     weights, bias = loss.unpack(best_params)
     n_iter = sum(point.n_iter for point in points)
     return Probe(weights, bias, mean, scale, best.l2, n_iter, best.stop_reason, time.perf_counter() - started, points)
 
 
-def _minimize(loss: SoftmaxLoss, start: np.ndarray, valid, options: FitOptions) -> tuple[np.ndarray, PathPoint]:
-    """L-BFGS from ``start`` at ``loss.l2``: the parameters kept (best on validation, when there is one)."""
+def _minimize(loss: SoftmaxLoss, start, valid, reference: float | None, options: FitOptions):
+    """L-BFGS from ``start`` at ``loss.l2`` to convergence: the optimum at this strength, and its PathPoint.
+
+    With a ``reference`` validation loss (the best strength's so far), the fit is stopped early once its own
+    validation loss has stayed at or above that for ``patience`` iterations: this strength cannot win."""
     from scipy.optimize import minimize  # 50 MB of imports, not needed until the first fit
 
-    stopper = None
-    if valid is not None:
-        stopper = _EarlyStopping(loss, *valid, options.patience)
-        stopper.consider(start)  # a warm start may already be the best this strength gets
+    stopper = None if valid is None or reference is None else _EarlyStopping(loss, *valid, reference, options.patience)
     result = minimize(
         loss.value_and_grad,
         start,
@@ -215,32 +216,30 @@ def _minimize(loss: SoftmaxLoss, start: np.ndarray, valid, options: FitOptions) 
         options={"maxiter": options.max_iter, "ftol": options.tol, "gtol": options.tol, "maxcor": 20},
     )
     stop_reason = "converged" if result.success else "max_iter"
-    if stopper is None:
-        return result.x, PathPoint(loss.l2, None, int(result.nit), stop_reason)
-    if stopper.stopped:
+    if stopper is not None and stopper.stopped:
         stop_reason = "early_stopping"
-    kept = stopper.best_params if stopper.best_params is not None else result.x
-    return kept, PathPoint(loss.l2, float(stopper.best_loss), int(result.nit), stop_reason)
+    valid_loss = None if valid is None else _valid_loss(loss, result.x, *valid)
+    return result.x, PathPoint(loss.l2, valid_loss, int(result.nit), stop_reason)
+
+
+def _valid_loss(loss: SoftmaxLoss, params: np.ndarray, features: np.ndarray, labels: np.ndarray) -> float:
+    weights, bias = loss.unpack(params)
+    return mean_cross_entropy(features @ weights + bias, labels)
 
 
 class _EarlyStopping:
-    """L-BFGS callback: keeps the parameters with the best validation loss, stops after ``patience`` misses."""
+    """L-BFGS callback: stops after ``patience`` iterations in a row whose validation loss is not below
+    ``reference``."""
 
-    def __init__(self, loss: SoftmaxLoss, features: np.ndarray, labels: np.ndarray, patience: int):
-        self.loss, self.features, self.labels, self.patience = loss, features, labels, patience
-        self.best_loss, self.best_params, self.misses, self.stopped = np.inf, None, 0, False
+    def __init__(self, loss: SoftmaxLoss, features: np.ndarray, labels: np.ndarray, reference: float, patience: int):
+        self.loss, self.features, self.labels = loss, features, labels
+        self.reference, self.patience, self.misses, self.stopped = reference, patience, 0, False
 
     def __call__(self, intermediate_result):
-        if not self.consider(intermediate_result.x):
+        if _valid_loss(self.loss, intermediate_result.x, self.features, self.labels) < self.reference:
+            self.misses = 0
+            return
+        self.misses += 1
+        if self.misses >= self.patience:
             self.stopped = True
             raise StopIteration
-
-    def consider(self, params: np.ndarray) -> bool:
-        """Score ``params`` on validation; False once ``patience`` in a row have not improved on the best."""
-        weights, bias = self.loss.unpack(params)
-        valid_loss = mean_cross_entropy(self.features @ weights + bias, self.labels)
-        if self.best_params is None or valid_loss < self.best_loss - 1e-6 * abs(self.best_loss):
-            self.best_loss, self.best_params, self.misses = valid_loss, params.copy(), 0
-        else:
-            self.misses += 1
-        return self.misses < self.patience
