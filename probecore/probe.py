@@ -43,7 +43,7 @@ class FitOptions:
     l2: float | Sequence[float] = DEFAULT_L2
     max_iter: int = 1000
     patience: int = 10
-    tol: float = 1e-6
+    tol: float = 1e-7
     standardize: bool = True
     threads: int | None = None
     blas_threads: int | None = 1
