@@ -61,8 +61,9 @@ class OnnxSource:
         return self._input_dims
 
     def check_inputs(self, x: np.ndarray) -> np.ndarray:
-        """Check dtype and per-sample shape; lazy inputs (an image folder) are checked without loading them
-        and cast batch by batch."""
+        """Check dtype and per-sample shape. Inputs come back as given: each batch is cast to the model's
+        input type as it is fed, so uint8 images are never held whole as float32, and lazy inputs (an image
+        folder) are checked without loading them."""
         lazy = not isinstance(x, np.ndarray) and hasattr(x, "shape") and hasattr(x, "dtype")
         if not lazy:
             x = np.asarray(x)
@@ -71,8 +72,6 @@ class OnnxSource:
             castable = x.dtype.kind in "iub" and expected.kind in "iuf" or x.dtype.kind == expected.kind == "f"
             if not castable:
                 raise DataError(f"inputs have dtype {x.dtype}, but model input {self.input_name!r} takes {expected}")
-            if not lazy:
-                x = x.astype(expected)
         if self._input_dims is not None:
             want = self._input_dims[1:]
             fits = len(x.shape) == len(self._input_dims) and all(

@@ -104,7 +104,10 @@ def test_invalid_weights_are_caught_by_the_check(tmp_path, rng):
 def test_input_checks_cast_what_is_safe_and_name_what_does_not_fit(tmp_path, rng):
     source = OnnxSource(save_convnet(tmp_path / "c.onnx", rng))
     as_bytes = rng.integers(0, 255, size=(2, 3, 8, 8), dtype=np.uint8)
-    assert source.check_inputs(as_bytes).dtype == np.float32
+    assert source.check_inputs(as_bytes) is as_bytes  # cast batch by batch as it is fed, never held whole
+    (fed,) = source.activations(as_bytes, ["relu"], batch_size=8)
+    (cast,) = source.activations(as_bytes.astype(np.float32), ["relu"], batch_size=8)
+    np.testing.assert_array_equal(fed["relu"], cast["relu"])
     with pytest.raises(DataError, match=r"per-sample shape \(192,\).*expects \(3, 8, 8\)"):
         source.check_inputs(np.zeros((2, 192), np.float32))
     with pytest.raises(DataError, match="dtype <U1"):
