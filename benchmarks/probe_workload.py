@@ -100,3 +100,12 @@ def resnet50_workload(n_classes: int, small: bool = False, seed: int = 0) -> Wor
     if small:
         return Workload(n_classes, 2000, 500, 500, SMALL_BLOCKS, noise=SMALL_NOISE.get(n_classes, 1.0), seed=seed)
     return Workload(n_classes, noise=NOISE.get(n_classes, 1.0), seed=seed)
+
+
+def objective(standardized: np.ndarray, labels: np.ndarray, weights: np.ndarray, bias: np.ndarray, l2: float):
+    """Mean cross-entropy + l2/2 ||W||^2 in float64: what probecore and the scikit-learn baselines minimise."""
+    logits = standardized.astype(np.float64) @ np.asarray(weights, np.float64) + np.asarray(bias, np.float64)
+    largest = logits.max(axis=1, keepdims=True)
+    log_norm = np.log(np.exp(logits - largest).sum(axis=1)) + largest[:, 0]
+    cross_entropy = np.mean(log_norm - logits[np.arange(len(labels)), labels])
+    return float(cross_entropy + 0.5 * l2 * np.sum(np.square(weights, dtype=np.float64)))

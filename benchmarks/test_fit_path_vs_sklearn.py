@@ -49,7 +49,7 @@ from sklearn.preprocessing import StandardScaler
 from threadpoolctl import threadpool_info
 
 import probecore
-from probe_workload import resnet50_workload
+from probe_workload import objective, resnet50_workload
 
 SKLEARN_MAX_ITER = 10_000
 SKLEARN_TOL = 1e-6
@@ -74,15 +74,6 @@ def _fit_probecore(group, y_train, y_valid, n_classes, options) -> dict:
     train = {name: features for name, features, _, _ in group}
     valid = {name: features for name, _, features, _ in group}
     return probecore.fit_probes(train, y_train, n_classes, valid, y_valid, options)
-
-
-def _objective(features, labels, weights, bias, l2) -> float:
-    """Mean cross-entropy + l2/2 ||W||^2 in float64: what both sides minimise."""
-    logits = features.astype(np.float64) @ weights + bias
-    largest = logits.max(axis=1, keepdims=True)
-    log_norm = np.log(np.exp(logits - largest).sum(axis=1)) + largest[:, 0]
-    cross_entropy = np.mean(log_norm - logits[np.arange(len(labels)), labels])
-    return float(cross_entropy + 0.5 * l2 * np.sum(np.square(weights, dtype=np.float64)))
 
 
 def _fit_sklearn(train, y_train, l2):
@@ -140,8 +131,8 @@ def test_fit_path_vs_sklearn(n_classes, benchmark, record):
                     "path_points": len(getattr(probe, "path", ())) or 1,
                     "sklearn_iters": int(model[-1].n_iter_[0]),
                     "probecore_stop": probe.stop_reason,
-                    "probecore_objective": round(_objective(standardized, y_train, probe.weights, probe.bias, l2), 6),
-                    "sklearn_objective": round(_objective(standardized, y_train, logistic.coef_.T, logistic.intercept_, l2), 6),
+                    "probecore_objective": round(objective(standardized, y_train, probe.weights, probe.bias, l2), 6),
+                    "sklearn_objective": round(objective(standardized, y_train, logistic.coef_.T, logistic.intercept_, l2), 6),
                 }
         return layers, probecore_total
 

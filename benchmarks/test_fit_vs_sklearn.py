@@ -38,6 +38,7 @@ from threadpoolctl import threadpool_limits
 import probecore
 from probecore import bundled
 from probecore.backends.onnx_source import OnnxSource
+from probe_workload import objective
 
 N_CLASSES = 10
 CONVNET_LAYERS = ("pool1", "relu3")  # 32x14x14 maps avg-pooled 2x2 to 1568 features; 128 dense units
@@ -101,20 +102,11 @@ def _workload(name, mnist, convnet_features, synthetic_split):
     return {split: (convnet_features[layer][split], splits[split].y) for split in ("train", "valid", "test")}
 
 
-def _objective(standardized: np.ndarray, labels: np.ndarray, weights: np.ndarray, bias: np.ndarray, l2: float):
-    """Mean cross-entropy + l2/2 ||W||^2 in float64: the objective both sides minimise."""
-    logits = standardized.astype(np.float64) @ weights.astype(np.float64) + bias.astype(np.float64)
-    logits -= logits.max(axis=1, keepdims=True)
-    log_probs = logits - np.log(np.exp(logits).sum(axis=1, keepdims=True))
-    cross_entropy = -log_probs[np.arange(len(labels)), labels].mean()
-    return float(cross_entropy + 0.5 * l2 * np.sum(weights.astype(np.float64) ** 2))
-
-
 @pytest.mark.benchmark(group="fit")
 @pytest.mark.parametrize(("workload", "rounds"), CASES, ids=[workload for workload, _ in CASES])
 def test_fit_vs_sklearn(workload, rounds, mnist, convnet_features, synthetic_split, paired, record):
     data = _workload(workload, mnist, convnet_features, synthetic_split)
-    (x_train, y_train), (x_valid, y_valid), (x_test, y_test) = data["train"], data["valid"], data["test"]
+    (x_train, y_train), (x_test, y_test) = data["train"], data["test"]
     options = probecore.FitOptions(l2=L2)
 
     def fit_probecore():
@@ -136,8 +128,8 @@ def test_fit_vs_sklearn(workload, rounds, mnist, convnet_features, synthetic_spl
     probe_error = probe.evaluate(x_test, y_test).error
     sklearn_error = float(np.mean(model.predict(x_test) != y_test))
     standardized = ((x_train - probe.mean) / probe.scale).astype(np.float32)
-    probe_objective = _objective(standardized, y_train, probe.weights, probe.bias, options.l2)
-    sklearn_objective = _objective(
+    probe_objective = objective(standardized, y_train, probe.weights, probe.bias, options.l2)
+    sklearn_objective = objective(
         scaler.transform(x_train), y_train, logistic.coef_.T, logistic.intercept_, options.l2
     )
     record(
