@@ -6,6 +6,7 @@ Never mutates the caller's model: exposing outputs works on a copy.
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +28,9 @@ LAYER_OPS = ACTIVATION_OPS | POOL_OPS | {
     "Conv", "ConvTranspose", "Gemm", "MatMul", "Add", "Mul", "BatchNormalization", "LayerNormalization",
     "InstanceNormalization", "Flatten", "Concat", "Softmax", "Dropout", "Identity",
 }  # fmt: skip
+# Written by the framework adapters (backends/torch.py, backends/tensorflow.py): the tensors they named after
+# the framework's modules or layers, with each one's kind, axes and whether it is a default pick.
+LAYERS_METADATA = "probecore.layers"
 OUTLINE_DATA_BYTES = 1024  # initializers above this keep only name, type and dims in a model's outline
 FLOAT_TYPES = {TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE, TensorProto.BFLOAT16}
 
@@ -91,14 +95,24 @@ def _copy(value: onnx.ValueInfoProto) -> onnx.ValueInfoProto:
     return copied
 
 
-def model_input(model: onnx.ModelProto) -> onnx.ValueInfoProto:
-    """The model's one real input (initializers listed as inputs by old exporters do not count), detached."""
+def model_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
+    """The model's real inputs (initializers listed as inputs by old exporters do not count), detached."""
     initializers = {init.name for init in model.graph.initializer}
-    inputs = [value for value in model.graph.input if value.name not in initializers]
-    if len(inputs) != 1:
-        names = ", ".join(value.name for value in inputs) or "none"
-        raise ModelError(f"the model has {len(inputs)} inputs ({names}); probecore feeds models with exactly one input")
-    return _copy(inputs[0])
+    inputs = [_copy(value) for value in model.graph.input if value.name not in initializers]
+    if not inputs:
+        raise ModelError("the model has no inputs; export it with the input it is fed")
+    return inputs
+
+
+def adapter_layers(model: onnx.ModelProto) -> dict:
+    """What a framework adapter recorded of its named tensors (``LAYERS_METADATA``), or {} for other models."""
+    for prop in model.metadata_props:
+        if prop.key == LAYERS_METADATA:
+            try:
+                return json.loads(prop.value)
+            except ValueError:
+                return {}
+    return {}
 
 
 def tensor_dims(value: onnx.ValueInfoProto) -> tuple[int | str | None, ...] | None:
@@ -126,10 +140,14 @@ def candidate_layers(model: onnx.ModelProto) -> list[LayerInfo]:
 
     Default picks: the input, activation and pooling outputs, residual additions (``Add`` of two computed
     tensors), swish (``x * sigmoid(x)``), and the model's outputs.
+    Tensors that a framework adapter named (``adapter_layers``) carry the module's or layer's kind and axes
+    instead, and the adapter says which of them are default picks, and whether unnamed tensors may be.
     """
     graph = model.graph
-    source = model_input(model)
-    batch_dim = (tensor_dims(source) or (None,))[0]
+    inputs = model_inputs(model)
+    batch_dim = (tensor_dims(inputs[0]) or (None,))[0]
+    named = adapter_layers(model)
+    named_layers, others_default = named.get("layers", {}), named.get("others_default", True)
     typed = {value.name: value for value in [*graph.value_info, *graph.output]}
     constants = {init.name for init in graph.initializer}
     constants |= {out for node in graph.node if node.op_type == "Constant" for out in node.output}
@@ -137,9 +155,10 @@ def candidate_layers(model: onnx.ModelProto) -> list[LayerInfo]:
     outputs = {value.name for value in graph.output}
 
     layers = []
-    input_dims = tensor_dims(source)
-    if numpy_dtype(source).kind == "f" and input_dims and len(input_dims) >= 2:
-        layers.append(LayerInfo(source.name, "Input", _sample_shape(input_dims), default=True))
+    for source in inputs:
+        input_dims = tensor_dims(source)
+        if numpy_dtype(source).kind == "f" and input_dims and len(input_dims) >= 2:
+            layers.append(LayerInfo(source.name, "Input", _sample_shape(input_dims), default=True))
     for node in graph.node:
         for name in node.output:
             if not name or name in constants:
@@ -156,45 +175,84 @@ def candidate_layers(model: onnx.ModelProto) -> list[LayerInfo]:
                 if not _is_batch_dim(dims[0], batch_dim):
                     continue
                 shape = _sample_shape(dims)
-            default = name in outputs or _looks_like_layer(node, constants, producer)
-            layers.append(LayerInfo(name, node.op_type, shape, default=default, is_output=name in outputs))
+            info = named_layers.get(name, {})
+            default = name in outputs or bool(info.get("default"))
+            default = default or others_default and _looks_like_layer(node, constants, producer)
+            op_type, layout = info.get("kind") or node.op_type, info.get("layout")
+            layers.append(LayerInfo(name, op_type, shape, default=default, is_output=name in outputs, layout=layout))
     return layers
 
 
 def with_outputs(
     model: onnx.ModelProto, names: list[str], reductions: dict | None = None, typed: dict | None = None
 ) -> bytes:
-    """``model`` serialized with ``names`` added to its graph outputs as they are, and each layer of
-    ``reductions`` reduced in the graph (see ``onnx_reduce``). ``typed``: ``typed_values`` of the
-    shape-inferred model, when ``model`` is a fresh read without inferred shapes.
+    """``model`` serialized with ``names`` as its graph outputs, as they are, and each layer of ``reductions``
+    reduced in the graph (see ``onnx_reduce``); nodes that none of these need are left out, since
+    onnxruntime runs every node of a graph whether its result is fetched or not. ``typed``: ``typed_values``
+    of the shape-inferred model, when ``model`` is a fresh read without inferred shapes.
 
-    The additions are undone before returning, so the caller's model is left as it was without copying its
+    The changes are undone before returning, so the caller's model is left as it was without copying its
     weights. Each layer's reduction nodes go right after the graph's own nodes, deepest layer first:
     onnxruntime orders execution by a depth-first walk back from the graph's last leaf node, so this
     schedules every pooling node as soon as its layer exists, and frees each layer's full activation as
     soon as the model has used it, rather than holding all of them to the end of the run."""
     graph = model.graph
     typed = {**typed_values(model), **(typed or {})}
-    sizes = len(graph.node), len(graph.initializer), len(graph.output)
+    n_initializers = len(graph.initializer)
+    original = onnx.GraphProto()  # nodes and outputs only: small, whatever the weights
+    original.node.extend(graph.node)
+    original.output.extend(graph.output)
     position = {out: i for i, node in enumerate(graph.node) for out in node.output}
     try:
-        present = {value.name for value in graph.output}
-        for name in names:
-            if name not in present:
-                graph.output.append(typed.get(name) or onnx.ValueInfoProto(name=name))
-                present.add(name)
-        batch_dim = (tensor_dims(model_input(model)) or ("N",))[0] or "N"
+        del graph.output[:]
+        for name in dict.fromkeys(names):
+            graph.output.append(typed.get(name) or onnx.ValueInfoProto(name=name))
+        batch_dim = (tensor_dims(model_inputs(model)[0]) or ("N",))[0] or "N"
         deepest_first = sorted((reductions or {}).items(), key=lambda item: -position.get(item[0], -1))
+        added = []
         for layer, reduction in deepest_first:
             nodes, initializers = onnx_reduce.reduction_nodes(layer, reduction, typed.get(layer))
-            graph.node.extend(nodes)
+            added.extend(nodes)
             graph.initializer.extend(initializers)
             width = reduction.n_features_out
             reduced = onnx_reduce.reduced_name(layer)
             graph.output.append(helper.make_tensor_value_info(reduced, TensorProto.FLOAT, [batch_dim, width]))
+        own = list(original.node)  # one wrapper per node, held, so that ids stay valid
+        needed = _needed_nodes([*own, *added], [value.name for value in graph.output])
+        del graph.node[:]
+        graph.node.extend(node for node in own if id(node) in needed)
+        graph.node.extend(added)
         return model.SerializeToString()
     finally:
-        del graph.node[sizes[0] :], graph.initializer[sizes[1] :], graph.output[sizes[2] :]
+        del graph.node[:], graph.output[:], graph.initializer[n_initializers:]
+        graph.node.extend(original.node)
+        graph.output.extend(original.output)
+
+
+def _needed_nodes(nodes, outputs: list[str]) -> set[int]:
+    """ids of the nodes that ``outputs`` depend on (subgraphs of If/Loop count through their node's inputs
+    and any outer names they use)."""
+    producer = {out: node for node in nodes for out in node.output if out}
+    needed, stack = set(), list(outputs)
+    while stack:
+        node = producer.get(stack.pop())
+        if node is None or id(node) in needed:
+            continue
+        needed.add(id(node))
+        stack.extend(node.input)
+        stack.extend(_outer_names(node))
+    return needed
+
+
+def _outer_names(node: onnx.NodeProto) -> list[str]:
+    """Names a control-flow node's subgraphs read (they may come from the enclosing graph)."""
+    names = []
+    for attribute in node.attribute:
+        for graph in [attribute.g, *attribute.graphs] if attribute.type in (5, 10) else []:
+            for inner in graph.node:
+                names.extend(inner.input)
+                names.extend(_outer_names(inner))
+    return names
 
 
 def _looks_like_layer(node: onnx.NodeProto, constants: set[str], producer: dict) -> bool:

@@ -36,13 +36,14 @@ class OnnxSource:
         # weights are read again from the file when a session is built (memory: benchmarks/README.md).
         model = onnx_graph.load_outline(self.path)
         self.model_sha256 = onnx_graph.file_sha256(self.path)
-        self._input = onnx_graph.model_input(model)
+        self._inputs = onnx_graph.model_inputs(model)
+        self._input = self._inputs[0]
         self._input_dims = onnx_graph.tensor_dims(self._input)
-        self._input_dtype = onnx_graph.numpy_dtype(self._input)
         self._layers = onnx_graph.candidate_layers(model)
         self._typed = onnx_graph.typed_values(model)
         self.reduce_in_graph = reduce_in_graph and onnx_reduce.default_opset(model) >= onnx_reduce.MIN_OPSET
         del model
+        self.mask_input = _mask_input(self._inputs)
         self._session = None
         self._session_key = None
         self.provider: str | None = None
@@ -50,7 +51,12 @@ class OnnxSource:
 
     @property
     def input_name(self) -> str:
+        """The first (for most models the only) input."""
         return self._input.name
+
+    @property
+    def input_names(self) -> list[str]:
+        return [value.name for value in self._inputs]
 
     def layers(self) -> list[LayerInfo]:
         return list(self._layers)
@@ -63,36 +69,32 @@ class OnnxSource:
     def check_inputs(self, x: np.ndarray) -> np.ndarray:
         """Check dtype and per-sample shape. Inputs come back as given: each batch is cast to the model's
         input type as it is fed, so uint8 images are never held whole as float32, and lazy inputs (an image
-        folder) are checked without loading them."""
+        folder) are checked without loading them. A model with several inputs (a transformer's token ids and
+        attention mask) takes a structured array with one field per input, named as the inputs."""
         lazy = not isinstance(x, np.ndarray) and hasattr(x, "shape") and hasattr(x, "dtype")
         if not lazy:
             x = np.asarray(x)
-        expected = self._input_dtype
-        if x.dtype != expected:
-            castable = x.dtype.kind in "iub" and expected.kind in "iuf" or x.dtype.kind == expected.kind == "f"
-            if not castable:
-                raise DataError(f"inputs have dtype {x.dtype}, but model input {self.input_name!r} takes {expected}")
-        if self._input_dims is not None:
-            want = self._input_dims[1:]
-            fits = len(x.shape) == len(self._input_dims) and all(
-                not isinstance(w, int) or w <= 0 or w == got for w, got in zip(want, x.shape[1:])
+        if len(self._inputs) == 1:
+            _check_input(x, self._input, lazy)
+            return x
+        names = self.input_names
+        missing = [name for name in names if name not in (x.dtype.names or ())]
+        if missing:
+            example = ", ".join(f"{name}=..." for name in names)
+            raise DataError(
+                f"the model has {len(names)} inputs ({', '.join(names)}) and the data has no field for "
+                f"{', '.join(missing)}; pass x as a structured array with one field per input: "
+                f"probecore.pack_inputs({example})"
             )
-            if not fits:
-                shown = ", ".join(str(w) if isinstance(w, int) and w > 0 else "?" for w in want)
-                raise DataError(
-                    f"inputs have per-sample shape {tuple(x.shape[1:])}, but model input {self.input_name!r} "
-                    f"expects ({shown}); reshape the data to fit"
-                )
-        if not lazy and x.dtype.kind == "f" and not np.isfinite(x).all():
-            bad = int((~np.isfinite(x.reshape(len(x), -1))).any(axis=1).sum())
-            raise DataError(f"{bad} input samples contain NaN or Inf; remove or fix them")
+        for value in self._inputs:
+            _check_input(x[value.name], value, lazy)
         return x
 
     def activations(self, x: np.ndarray, layer_names: Sequence[str], batch_size: int) -> Iterator[dict[str, np.ndarray]]:
         return self._run(x, list(layer_names), {}, batch_size, spin=False)  # the host reduces between runs
 
     def can_reduce(self, reduction: Reduction) -> bool:
-        return self.reduce_in_graph
+        return self.reduce_in_graph and reduction.tokens is None  # token pooling needs the mask: on the host
 
     def reduced_activations(
         self, x: np.ndarray, reductions: Mapping[str, Reduction], batch_size: int, raw_names: Sequence[str] = ()
@@ -108,18 +110,23 @@ class OnnxSource:
     def _run(self, x, names: list[str], reductions: Mapping[str, Reduction], batch_size: int, spin: bool):
         """Feed ``x`` in batches; yield the tensors ``names`` as they are and each of ``reductions`` reduced.
         ``spin`` lets onnxruntime's idle threads spin between runs: faster, unless the host has work to do."""
-        computed = [name for name in names if name != self.input_name]
+        inputs = self.input_names
+        computed = [name for name in names if name not in inputs]
         fetched = computed + [onnx_reduce.reduced_name(name) for name in reductions]
         session = self._session_for(computed, reductions, spin)
         fixed_batch = self._input_dims[0] if self._input_dims and isinstance(self._input_dims[0], int) else 0
         step = fixed_batch if fixed_batch > 0 else batch_size
         for start in range(0, len(x), step):
-            chunk = np.asarray(x[start : start + step]).astype(self._input_dtype, copy=False)  # lazy inputs load here
-            fed = chunk
-            if fixed_batch > 0 and len(chunk) < fixed_batch:  # a model exported with a fixed batch size
-                fed = np.concatenate([chunk, np.repeat(chunk[-1:], fixed_batch - len(chunk), axis=0)])
+            chunk = np.asarray(x[start : start + step])  # lazy inputs load here
+            given = {inputs[0]: chunk} if len(inputs) == 1 else {name: chunk[name] for name in inputs}
+            feed = {}
+            for value in self._inputs:
+                array = given[value.name].astype(onnx_graph.numpy_dtype(value), copy=False)
+                if fixed_batch > 0 and len(chunk) < fixed_batch:  # a model exported with a fixed batch size
+                    array = np.concatenate([array, np.repeat(array[-1:], fixed_batch - len(chunk), axis=0)])
+                feed[value.name] = array
             try:
-                values = session.run(fetched, {self.input_name: fed}) if fetched else []
+                values = session.run(fetched, feed) if fetched else []
             except Exception as exc:
                 raise ModelError(
                     f"onnxruntime failed on samples {start}..{start + len(chunk) - 1}: {onnx_graph.first_line(exc)}"
@@ -128,18 +135,18 @@ class OnnxSource:
             outputs = dict(zip(fetched, values))
             batch = {name: outputs[name][: len(chunk)] for name in computed}
             batch.update({name: outputs[onnx_reduce.reduced_name(name)][: len(chunk)] for name in reductions})
-            if self.input_name in names:
-                batch[self.input_name] = chunk
+            batch.update({name: given[name] for name in names if name in given})
             yield batch
 
     def identity(self) -> dict:
-        return {"model_sha256": self.model_sha256, "input": self.input_name}
+        return {"model_sha256": self.model_sha256, "input": ",".join(self.input_names)}
 
     def describe(self) -> dict:
         return {
             "model": str(self.path),
             "model_sha256": self.model_sha256,
-            "input": self.input_name,
+            "input": ",".join(self.input_names),
+            "mask_input": self.mask_input,
             "device": self.device,
             "provider": self.provider,
             "reduce_in_graph": self.reduce_in_graph,
@@ -159,6 +166,38 @@ class OnnxSource:
             self._session, self.provider = create_session(exposed, self.device, spin)
             self._session_key = key
         return self._session
+
+
+def _check_input(x, value, lazy: bool) -> None:
+    """Raise ``DataError`` unless ``x`` fits model input ``value`` in dtype (castable) and per-sample shape."""
+    expected = onnx_graph.numpy_dtype(value)
+    if x.dtype != expected:
+        castable = x.dtype.kind in "iub" and expected.kind in "iufb" or x.dtype.kind == expected.kind == "f"
+        if not castable:
+            raise DataError(f"inputs have dtype {x.dtype}, but model input {value.name!r} takes {expected}")
+    dims = onnx_graph.tensor_dims(value)
+    if dims is not None:
+        want = dims[1:]
+        fits = len(x.shape) == len(dims) and all(
+            not isinstance(w, int) or w <= 0 or w == got for w, got in zip(want, x.shape[1:])
+        )
+        if not fits:
+            shown = ", ".join(str(w) if isinstance(w, int) and w > 0 else "?" for w in want)
+            raise DataError(
+                f"inputs have per-sample shape {tuple(x.shape[1:])}, but model input {value.name!r} "
+                f"expects ({shown}); reshape the data to fit"
+            )
+    if not lazy and x.dtype.kind == "f" and not np.isfinite(x).all():
+        bad = int((~np.isfinite(x.reshape(len(x), -1))).any(axis=1).sum())
+        raise DataError(f"{bad} input samples contain NaN or Inf; remove or fix them")
+
+
+def _mask_input(inputs) -> str | None:
+    """The input that marks real tokens (``attention_mask`` and the like) in a model with several inputs."""
+    if len(inputs) < 2:
+        return None
+    masks = [value.name for value in inputs if "mask" in value.name.lower() and len(onnx_graph.tensor_dims(value) or ()) == 2]
+    return masks[0] if len(masks) == 1 else None
 
 
 def create_session(model_bytes: bytes, device: str = "auto", spin: bool = True):

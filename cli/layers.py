@@ -8,11 +8,15 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
+from .models import model_source
 from .output import console, user_errors
 
 
 def layers_command(
-    model: Path = typer.Argument(..., help="The ONNX model file."),
+    model: str = typer.Argument(
+        ..., help="The ONNX model file, or package.module:function returning a Keras model or (torch module, "
+        "example input).", show_default=False,
+    ),
     all_layers: bool = typer.Option(
         False, "--all", help="List every probe-able tensor, not only the default layers (activations, blocks)."
     ),
@@ -22,10 +26,8 @@ def layers_command(
 
     Example: probe layers model.onnx --all
     """
-    with user_errors():
-        from probecore.backends.onnx_source import OnnxSource
-
-        layers = OnnxSource(model).layers()
+    with user_errors(), model_source(model) as source:
+        layers = source.layers()
     shown = layers if all_layers else [layer for layer in layers if layer.default]
     if as_json:
         rows = [
@@ -35,7 +37,7 @@ def layers_command(
         ]  # fmt: skip
         print(json.dumps(rows, indent=2))
         return
-    table = Table(title=f"{'All probe-able tensors' if all_layers else 'Default layers'} of {model.name}")
+    table = Table(title=f"{'All probe-able tensors' if all_layers else 'Default layers'} of {Path(model).name}")
     for column in ("layer", "op", "shape", "features", "default"):
         table.add_column(column, justify="right" if column == "features" else "left")
     for layer in shown:

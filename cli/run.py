@@ -14,6 +14,7 @@ from probecore.images import ImagePreprocessing
 from probecore.probe import FitOptions
 from probecore.reduction import ReductionPolicy
 
+from .models import model_source
 from .output import console, print_summary, progress_bars, user_errors
 
 # Option defaults come from the library's own, so the CLI and the API never disagree.
@@ -22,7 +23,10 @@ FIT = FitOptions()
 
 
 def run_command(
-    model: Path = typer.Argument(..., help="The ONNX model file."),
+    model: str = typer.Argument(
+        ..., help="The ONNX model file, or package.module:function returning a Keras model or (torch module, "
+        "example input).", show_default=False,
+    ),
     data: Path = typer.Option(
         ..., "--data", help="A .npz file with x_train, y_train, x_test, y_test (x_valid, y_valid optional), or x, y; "
         "or an image folder with one subfolder per class.",
@@ -37,6 +41,10 @@ def run_command(
     global_pool: bool = typer.Option(False, "--global-pool", help="Pool each feature map to one value per channel."),
     channels_last: bool = typer.Option(False, "--channels-last", help="Read rank-4 tensors as (N, H, W, C)."),
     no_reduce: bool = typer.Option(False, "--no-reduce", help="Probe every layer at full size."),
+    tokens: str = typer.Option(
+        None, "--tokens", help="Pool every sequence layer, (N, T, D), to one vector: mean, max, first or last token "
+        "(padding skipped where the model takes an attention mask).", show_default=False,
+    ),
     l2: str = typer.Option(
         ",".join(f"{value:g}" for value in FIT.l2_path), help="L2 strength on the probe weights (next to the mean "
         "cross-entropy); several, comma-separated, are fitted strongest first and the best on validation is kept.",
@@ -81,7 +89,7 @@ def run_command(
     with user_errors():
         policy = ReductionPolicy(
             max_features=max_features, pool=pool, global_pool=global_pool, channels_last=channels_last,
-            enabled=not no_reduce, seed=seed,
+            enabled=not no_reduce, seed=seed, tokens=tokens,
         )  # fmt: skip
         cache = None if no_cache else FeatureCache(cache_dir or default_cache_dir(), "float16" if cache_float16 else "float32")
         images = {"size": image_size, "resize": resize, "scale": pixel_scale, "mean": _floats(pixel_mean, "--pixel-mean"),
@@ -143,22 +151,21 @@ def default_cache_dir() -> Path:
 
 
 def probe_and_write(
-    model: Path, data: Path, out: Path, *, layers: str | None = None, policy: ReductionPolicy = POLICY,
+    model: str | Path, data: Path, out: Path, *, layers: str | None = None, policy: ReductionPolicy = POLICY,
     fit: FitOptions = FIT, batch_size: int = 256, seed: int = 0, fractions: tuple[float, float] = (0.1, 0.2),
     device: str = "auto", cache: FeatureCache | None = None, images: dict | None = None,
     layers_per_pass: int | None = None, control_task: bool = False, quiet: bool = False, as_json: bool = False,
 ) -> None:  # fmt: skip
     """Load, probe, write the results, then show them; nothing is written unless everything succeeded."""
-    from probecore.backends.onnx_source import OnnxSource  # loads onnx: not needed for `probe --help`
-
-    source = OnnxSource(model, device=device)
-    preprocessing = image_preprocessing(source, **(images or {})) if data.is_dir() else None
-    dataset = probecore.load_dataset(data, *fractions, seed=seed, preprocessing=preprocessing)
-    entries = probecore.parse_layer_spec(layers) if layers else None
-    with progress_bars(quiet or as_json) as progress:
-        report = probecore.run_probes(
-            source, dataset, entries, policy, fit, batch_size, progress, cache, layers_per_pass, control_task
-        )
+    with model_source(model, device) as source:
+        preprocessing = image_preprocessing(source, **(images or {})) if data.is_dir() else None
+        dataset = probecore.load_dataset(data, *fractions, seed=seed, preprocessing=preprocessing)
+        entries = probecore.parse_layer_spec(layers) if layers else None
+        with progress_bars(quiet or as_json) as progress:
+            report = probecore.run_probes(
+                source, dataset, entries, policy, fit, batch_size, progress, cache, layers_per_pass, control_task
+            )
+    report.settings["source"]["model"] = str(model)  # the reference, not its temporary export
     report.settings.update({"data": str(data), "seed": seed})
     if preprocessing is not None:
         skipped = dataset.train.x.skipped

@@ -12,8 +12,10 @@ ONNX files, ``ArraySource`` for activations you already have).
     report.write("results/")
 """
 
-from .datasets import Dataset, Split, load_dataset, split_dataset
-from .errors import CacheError, DataError, LayerSelectionError, ModelError, ProbeError, ReductionError
+from .datasets import Dataset, Split, load_dataset, pack_inputs, split_dataset
+from .errors import (
+    CacheError, DataError, ExtraNotInstalledError, LayerSelectionError, ModelError, ProbeError, ReductionError,
+)  # fmt: skip
 from .feature_cache import FeatureCache
 from .layers import parse_layer_spec, select_layers
 from .pipeline import ExtractedFeatures, extract_features, run_probes
@@ -31,6 +33,7 @@ __all__ = [
     "CacheError",
     "DataError",
     "Dataset",
+    "ExtraNotInstalledError",
     "ExtractedFeatures",
     "FeatureCache",
     "FitOptions",
@@ -52,6 +55,7 @@ __all__ = [
     "fit_probe",
     "fit_probes",
     "load_dataset",
+    "pack_inputs",
     "parse_layer_spec",
     "plan_reduction",
     "run_probes",

@@ -19,6 +19,23 @@ from .errors import DataError
 SPLITS = ("train", "valid", "test")
 
 
+def pack_inputs(**arrays: np.ndarray) -> np.ndarray:
+    """One structured array, (N,), with a field per model input, e.g.
+    ``pack_inputs(input_ids=ids, attention_mask=mask)``: how a model with several inputs is fed (and saved
+    in a .npz file as ``x``). Each field keeps its array's dtype and per-sample shape."""
+    if not arrays:
+        raise DataError("pack_inputs needs at least one array, named as the model input it feeds")
+    values = {name: np.asarray(array) for name, array in arrays.items()}
+    lengths = {name: len(array) for name, array in values.items()}
+    if len(set(lengths.values())) != 1:
+        raise DataError(f"every input needs the same number of samples, got {lengths}")
+    dtype = [(name, array.dtype, array.shape[1:]) for name, array in values.items()]
+    packed = np.empty(next(iter(lengths.values())), dtype=dtype)
+    for name, array in values.items():
+        packed[name] = array
+    return packed
+
+
 @dataclass
 class Split:
     """Inputs ``x`` (N, ...) and their encoded labels ``y`` (N,) int64, positions in ``Dataset.classes``."""

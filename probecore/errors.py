@@ -27,3 +27,7 @@ class ReductionError(ProbeError):
 
 class CacheError(ProbeError):
     """The feature cache cannot be used as asked (busy, out of space, unsupported setting)."""
+
+
+class ExtraNotInstalledError(ProbeError):
+    """A framework adapter was asked for, but its framework (an optional extra) is not installed."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import platform
 import time
@@ -145,7 +146,10 @@ def extract_features(
         raise ReductionError(f"layers_per_pass must be at least 1, got {layers_per_pass}")
     progress = progress or (lambda *args: None)
     inputs = {name: source.check_inputs(split.x) for name, split in dataset.splits().items()}
-    reductions = {layer.name: plan_reduction(layer.name, layer.shape, policy) for layer in layers if layer.n_features}
+    mask_input = getattr(source, "mask_input", None)  # the model input marking real tokens, if any
+    plan = {layer.name: functools.partial(plan_reduction, layer.name, policy=policy, layout=layer.layout,
+                                          mask_input=mask_input) for layer in layers}  # fmt: skip
+    reductions = {layer.name: plan[layer.name](layer.shape) for layer in layers if layer.n_features}
     model_output = _output_predicting(source.layers(), dataset.classes)
     names = [layer.name for layer in layers]
     # A source that reduces by itself (in the model's graph, on its device) ships only reduced features.
@@ -162,7 +166,7 @@ def extract_features(
     for index, group in enumerate(groups):
         for split_name, x in inputs.items():
             scores = model_output if split_name == "test" and index == 0 else None
-            batches = _reduced_batches(source, group, reductions, scores, by_source, policy, batch_size)
+            batches = _reduced_batches(source, group, reductions, plan, scores, by_source, batch_size)
 
             def report(n_done: int, split_name=split_name, offset=done) -> None:
                 progress("extract", offset + n_done, total_samples, split_name)
@@ -184,9 +188,13 @@ def extract_features(
 SCORES = "::model_output"  # the model's own output, stored beside the layers for the test split
 
 
-def _reduced_batches(source, names, reductions, scores, by_source, policy, batch_size):
-    """A function of inputs ``x`` yielding, per batch, every layer's reduced (B, k) float32 features."""
+def _reduced_batches(source, names, reductions, plan, scores, by_source, batch_size):
+    """A function of inputs ``x`` yielding, per batch, every layer's reduced (B, k) float32 features.
+    ``plan[name](shape)`` plans a layer whose shape is known only once its first batch arrives."""
     extra = [scores.name] if scores is not None and scores.name not in names else []
+    mask_input = getattr(source, "mask_input", None)
+    if not by_source and mask_input and mask_input not in names:
+        extra.append(mask_input)  # token pooling on the host skips padding
 
     def run(x):
         if by_source:
@@ -199,8 +207,8 @@ def _reduced_batches(source, names, reductions, scores, by_source, policy, batch
                 values = batch[name]
                 if not by_source:
                     if name not in reductions:  # shape known only now
-                        reductions[name] = plan_reduction(name, values.shape[1:], policy)
-                    values = reductions[name].apply(values)
+                        reductions[name] = plan[name](values.shape[1:])
+                    values = reductions[name].apply(values, batch.get(reductions[name].mask_input))
                 reduced[name] = values
             if scores is not None:
                 n_batch = len(reduced[names[0]])

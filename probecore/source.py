@@ -26,6 +26,7 @@ class LayerInfo:
     shape: tuple[int | None, ...] | None
     default: bool = True  # picked when the user names no layers
     is_output: bool = False  # one of the model's own outputs
+    layout: str | None = None  # what the source knows of the axes, e.g. "channels_last" (Keras); None: guess
 
     @property
     def n_features(self) -> int | None:

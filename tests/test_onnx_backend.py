@@ -52,7 +52,16 @@ def test_exposing_outputs_leaves_the_callers_model_untouched(tmp_path, rng):
     before = model.SerializeToString()
     exposed = onnx.load_from_string(onnx_graph.with_outputs(model, ["relu", "pool", "logits"]))
     assert model.SerializeToString() == before
-    assert [value.name for value in exposed.graph.output] == ["logits", "relu", "pool"]
+    assert [value.name for value in exposed.graph.output] == ["relu", "pool", "logits"]
+
+
+def test_exposing_outputs_leaves_out_the_nodes_they_do_not_need(tmp_path, rng):
+    # onnxruntime runs every node of a graph, fetched or not: probing early layers must not run the rest
+    model = onnx_graph.load_outline(save_convnet(tmp_path / "c.onnx", rng))
+    exposed = onnx.load_from_string(onnx_graph.with_outputs(model, ["relu"]))
+    assert [node.output[0] for node in exposed.graph.node] == ["conv", "relu"]
+    assert [value.name for value in exposed.graph.output] == ["relu"]
+    assert len(model.graph.node) > 2 and model.graph.output[0].name == "logits"
 
 
 def test_reduction_nodes_follow_the_graph_deepest_layer_first(tmp_path, rng):
@@ -63,11 +72,13 @@ def test_reduction_nodes_follow_the_graph_deepest_layer_first(tmp_path, rng):
     policy = probecore.ReductionPolicy(max_features=8)
     reductions = {name: probecore.plan_reduction(name, (4, 8, 8), policy) for name in ("relu", "block", "swish")}
     exposed = onnx.load_from_string(onnx_graph.with_outputs(model, [], reductions))
-    added = [node.output[0] for node in exposed.graph.node[n_nodes:]]
     assert len(model.graph.node) == n_nodes  # the caller's model is left as it was
+    own = [node.output[0] for node in model.graph.node]
+    kept = own[: own.index("swish") + 1]  # what the deepest probed layer needs; the rest is left out
+    assert [node.output[0] for node in exposed.graph.node[: len(kept)]] == kept
+    added = [node.output[0] for node in exposed.graph.node[len(kept) :]]
     tails = [name for name in added if name.endswith("::probe")]
-    assert tails == ["swish::probe", "block::probe", "relu::probe"]
-    assert [node.name for node in exposed.graph.node[:n_nodes]] == [node.name for node in model.graph.node]
+    assert tails == ["swish::probe", "block::probe", "relu::probe"] and len(added) > len(tails)
 
 
 def test_the_source_keeps_an_outline_of_the_model_not_its_weights(tmp_path, rng):
@@ -142,13 +153,38 @@ def test_truncated_and_missing_models_are_refused(tmp_path, rng):
         OnnxSource(tmp_path / "missing.onnx")
 
 
-def test_models_with_several_inputs_are_refused_naming_them(tmp_path):
-    nodes = [helper.make_node("Add", ["a", "b"], ["sum"])]
-    inputs = [helper.make_tensor_value_info(name, TensorProto.FLOAT, ["N", 4]) for name in ("a", "b")]
-    outputs = [helper.make_tensor_value_info("sum", TensorProto.FLOAT, ["N", 4])]
-    path = save_model(tmp_path / "two.onnx", nodes, inputs, outputs, [])
-    with pytest.raises(ModelError, match=r"2 inputs \(a, b\)"):
-        OnnxSource(path)
+def _two_input_model(tmp_path):
+    nodes = [helper.make_node("Cast", ["b"], ["b_float"], to=TensorProto.FLOAT),
+             helper.make_node("Add", ["a", "b_float"], ["sum"]), helper.make_node("Relu", ["sum"], ["relu"])]  # fmt: skip
+    inputs = [helper.make_tensor_value_info("a", TensorProto.FLOAT, ["N", 4]),
+              helper.make_tensor_value_info("b", TensorProto.INT64, ["N", 4])]  # fmt: skip
+    outputs = [helper.make_tensor_value_info("relu", TensorProto.FLOAT, ["N", 4])]
+    return save_model(tmp_path / "two.onnx", nodes, inputs, outputs, [])
+
+
+def test_models_with_several_inputs_take_a_structured_array_with_a_field_per_input(tmp_path, rng):
+    source = OnnxSource(_two_input_model(tmp_path))
+    a = rng.normal(size=(7, 4)).astype(np.float32)
+    b = rng.integers(-3, 3, size=(7, 4))
+    x = probecore.pack_inputs(a=a, b=b)
+    assert x.shape == (7,)
+    batches = list(source.activations(source.check_inputs(x), ["a", "b", "relu"], batch_size=3))
+    joined = {name: np.concatenate([batch[name] for batch in batches]) for name in ("a", "b", "relu")}
+    np.testing.assert_array_equal(joined["a"], a)
+    np.testing.assert_array_equal(joined["b"], b)
+    np.testing.assert_allclose(joined["relu"], np.maximum(a.astype(np.float64) + b, 0), rtol=1e-6)
+
+
+def test_several_inputs_without_a_field_for_each_are_refused_naming_them(tmp_path, rng):
+    source = OnnxSource(_two_input_model(tmp_path))
+    with pytest.raises(DataError, match=r"2 inputs \(a, b\).*no field for a, b; pass x as a structured array"):
+        source.check_inputs(rng.normal(size=(5, 4)).astype(np.float32))
+    with pytest.raises(DataError, match="no field for b"):
+        source.check_inputs(probecore.pack_inputs(a=rng.normal(size=(5, 4))))
+    with pytest.raises(DataError, match=r"model input 'b' expects \(4\)"):
+        source.check_inputs(probecore.pack_inputs(a=np.zeros((5, 4)), b=np.zeros((5, 3), np.int64)))
+    with pytest.raises(DataError, match="same number of samples"):
+        probecore.pack_inputs(a=np.zeros((5, 4)), b=np.zeros((4, 4)))
 
 
 def test_cpu_session_creation_is_quiet(tmp_path, rng, capfd):

@@ -122,6 +122,48 @@ def test_sequence_wider_than_max_features_is_pooled_then_subset(pool):
     np.testing.assert_allclose(features, ref.pool_sequence(batch, pool)[:, reduction.subset], **TOL)
 
 
+@pytest.mark.parametrize("tokens", ["mean", "max", "first", "last"])
+def test_token_pooling_skips_padding_row_by_row(tokens, rng):
+    n, t, d = 6, 7, 5
+    lengths = np.array([7, 1, 3, 0, 5, 2])  # the fourth sequence has no real token at all
+    mask = (np.arange(t)[None, :] < lengths[:, None]).astype(np.int64)
+    batch = rng.standard_normal((n, t, d)).astype(np.float32)
+    reduction = plan_reduction("encoder", (t, d), ReductionPolicy(tokens=tokens), mask_input="attention_mask")
+    assert reduction.tokens == tokens and reduction.subset is None and reduction.n_features_out == d
+    features = reduction.apply(batch, mask)
+    _check_output(features, n, reduction)
+    for row, length in enumerate(lengths):  # each row alone, its real tokens only, in float64
+        real = batch[row, :length].astype(np.float64)
+        if tokens == "first":
+            expected = batch[row, 0]
+        elif length == 0:
+            expected = np.zeros(d)
+        else:
+            expected = {"mean": real.mean(0), "max": real.max(0), "last": real[-1]}[tokens]
+        np.testing.assert_allclose(features[row], expected, **TOL, err_msg=f"row {row}")
+    unmasked = reduction.apply(batch)  # no mask: every token is real
+    whole = {"mean": batch.mean(1), "max": batch.max(1), "first": batch[:, 0], "last": batch[:, -1]}[tokens]
+    np.testing.assert_allclose(unmasked, whole, **TOL)
+
+
+def test_token_pooling_applies_at_any_size_then_subsets_wide_vectors():
+    policy = ReductionPolicy(max_features=16, tokens="mean", seed=2)
+    narrow = plan_reduction("small", (3, 4), policy)  # 12 features: under the limit, pooled all the same
+    assert narrow.n_features_out == 4 and narrow.describe() == "mean of tokens"
+    wide = plan_reduction("wide", (5, 40), policy, mask_input="attention_mask")
+    assert len(wide.subset) == 16 and wide.describe() == "mean of real tokens -> random 16 of 40"
+    assert plan_reduction("conv", (4, 6, 6), policy).tokens is None  # feature maps are not sequences
+    with pytest.raises(ReductionError, match="tokens must be one of mean, max, first, last"):
+        ReductionPolicy(tokens="cls")
+
+
+def test_a_layout_known_to_the_source_wins_over_the_policy_guess():
+    policy = ReductionPolicy(max_features=8)
+    assert plan_reduction("keras", (6, 6, 4), policy, layout="channels_last").layout == "channels_last"
+    assert plan_reduction("torch", (4, 6, 6), policy).layout == "channels_first"
+    assert plan_reduction("odd", (6, 4), policy, layout="channels_last").layout == "sequence"  # rank decides
+
+
 # --- random subsets --------------------------------------------------------------------------------------
 
 

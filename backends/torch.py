@@ -1,0 +1,265 @@
+"""PyTorch adapter: export a ``torch.nn.Module`` to ONNX with its modules' names on their outputs, then probe it
+through the ONNX path like any other model. Conversion and delegation only; needs ``probecore[torch]``.
+
+    from probecore.backends import torch as probe_torch
+
+    report = probe_torch.probe_module(model, images, labels)   # numpy or torch inputs
+    probe_torch.export(model, example_images, "model.onnx")    # then: probe run model.onnx --data ...
+
+Each tensor a module returns is named after the module (``layer3.2``, ``features.4``); a module called
+more than once names its later outputs ``relu:2``, ``relu:3``, and one that returns its input unchanged
+(Dropout and Identity in eval mode) names nothing. Where several modules return the same tensor, the
+innermost block names it (``layer3.2``, not its last ReLU nor the stage ``layer3`` around it); without a
+block, the outermost module that is not a plain container (Sequential, ModuleList, ModuleDict). Defaults: the input, every activation, pooling and
+residual addition (as for any ONNX model), each block (a module with submodules of its own, like a ResNet
+``Bottleneck`` or a ``TransformerEncoderLayer``) and the model's outputs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import io
+import logging
+import tempfile
+import warnings
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+
+import probecore
+from probecore.errors import DataError, ModelError
+
+from . import adapter
+from .adapter import NamedLayer
+
+OPSET = 18  # the lowest opset torch's exporter writes natively
+
+
+def _torch():
+    return adapter.require("torch", "torch", "PyTorch")
+
+
+def export(module, example_inputs, path: str | Path, input_names: Sequence[str] | None = None) -> Path:
+    """Export ``module`` (in eval mode) to ONNX at ``path``, with a dynamic batch axis and module names on
+    tensors. ``example_inputs``: one tensor or array, or a tuple of them (one per ``forward`` argument), or a
+    dict from argument name to tensor. Returns ``path``."""
+    torch = _torch()
+    inputs, names = _example(example_inputs, module, input_names)
+    was_training = module.training
+    module.eval()
+    try:
+        recorder = _Recorder(module)
+        try:
+            with torch.no_grad():
+                outputs, plan = recorder.dry_run(inputs)
+            output_names = ["output"] if len(outputs) == 1 else [f"output_{i}" for i in range(len(outputs))]
+            exposing = _Exposing(module, recorder, [label for label, _ in plan])
+            batch = torch.export.Dim("batch", min=1)
+            with _quiet():
+                program = torch.onnx.export(
+                    exposing, inputs, input_names=names, output_names=[*output_names, *(label for label, _ in plan)],
+                    dynamic_shapes=(tuple({0: batch} for _ in inputs),), dynamo=True, opset_version=OPSET,
+                    verbose=False,
+                )  # fmt: skip
+        finally:
+            recorder.remove()
+    except probecore.ProbeError:
+        raise
+    except Exception as exc:
+        raise ModelError(f"torch could not export the model to ONNX: {_reason(exc)}") from None
+    finally:
+        module.train(was_training)
+    return adapter.finish_export(program.model_proto, path, output_names, [layer for _, layer in plan], "torch", True)
+
+
+@contextlib.contextmanager
+def _quiet():
+    """The exporter prints its steps and warns about what it skips (torchvision ops): not the user's concern."""
+    logger = logging.getLogger("torch.onnx")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logger.setLevel(level)
+
+
+def probe_module(
+    module, x, y, example=None, layers: str | Sequence[str] | None = None, input_names: Sequence[str] | None = None,
+    **options,
+) -> probecore.ProbeReport:  # fmt: skip
+    """Probe every default layer (or ``layers``) of ``module`` on inputs ``x`` and labels ``y``.
+
+    ``x``: a numpy array or torch tensor, or a dict from ``forward`` argument name to array for a module with
+    several inputs (token ids and an attention mask). ``example``: what ``export`` traces with (default: the
+    first two samples). ``options`` go to ``adapter.probe_exported`` (policy, fit, seed, fractions, ...)."""
+    if isinstance(x, Mapping):
+        x = probecore.pack_inputs(**{name: _numpy(value) for name, value in x.items()})
+        example = example if example is not None else {name: x[name][:2] for name in x.dtype.names}
+    else:
+        x = _numpy(x)
+        example = example if example is not None else x[:2]
+    with tempfile.TemporaryDirectory(prefix="probecore-torch-") as folder:
+        path = export(module, example, Path(folder) / "model.onnx", input_names)
+        options.setdefault("model_label", f"torch module {type(module).__name__}")
+        return adapter.probe_exported(path, x, _numpy(y), layers, **options)
+
+
+class _Recorder:
+    """Forward hooks on every submodule, recording (label, module, tensor) as each call completes."""
+
+    def __init__(self, module):
+        self.calls: list[tuple[str, object, object]] = []
+        self._counts: dict[str, int] = {}
+        self._handles = [sub.register_forward_hook(self._hook(name)) for name, sub in module.named_modules() if name]
+        self._module = module
+
+    def _hook(self, name: str):
+        def record(module, args, output) -> None:
+            self._counts[name] = self._counts.get(name, 0) + 1
+            label = name if self._counts[name] == 1 else f"{name}:{self._counts[name]}"
+            tensor = _first_tensor(output)
+            if tensor is not None and not any(tensor is argument for argument in args):  # Dropout, Identity
+                self.calls.append((label, module, tensor))
+
+        return record
+
+    def start(self) -> None:
+        self.calls, self._counts = [], {}
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+
+    def dry_run(self, inputs) -> tuple[list, list[tuple[str, NamedLayer]]]:
+        """Run once eagerly: the model's outputs, and which label names which probe-able tensor."""
+        self.start()
+        outputs = _tensors(self._module(*inputs))
+        if not outputs:
+            raise ModelError("the module returns no tensor; probecore needs a module whose forward returns tensors")
+        batch = len(inputs[0])
+        taken = {id(tensor) for tensor in [*inputs, *outputs]}
+        by_tensor: dict[int, list] = {}
+        for label, module, tensor in self.calls:
+            usable = tensor.is_floating_point() and tensor.dim() >= 2 and tensor.shape[0] == batch
+            if usable and id(tensor) not in taken:
+                by_tensor.setdefault(id(tensor), []).append((label, module))
+        plan = []
+        for candidates in by_tensor.values():
+            label, module = _namer(candidates)
+            plan.append((label, NamedLayer(label, type(module).__name__, default=_is_block(module))))
+        return outputs, plan
+
+
+class _Exposing:
+    """Builds the module the exporter traces: the model's outputs, then each planned tensor."""
+
+    def __new__(cls, module, recorder: _Recorder, labels: list[str]):
+        torch = _torch()
+
+        class Exposing(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.model = module
+
+            def forward(self, *inputs):
+                recorder.start()
+                outputs = _tensors(self.model(*inputs))
+                by_label = {label: tensor for label, _, tensor in recorder.calls}
+                return (*outputs, *(by_label[label] for label in labels))
+
+        return Exposing()
+
+
+def _namer(candidates: list) -> tuple[str, object]:
+    """Of the modules that returned one tensor (innermost first): the innermost block (``layer3.2`` rather
+    than its last ReLU or the stage around it), else the outermost that is not a plain container."""
+    blocks = [item for item in candidates if _is_block(item[1])]
+    if blocks:
+        return blocks[0]
+    meaningful = [item for item in candidates if not isinstance(item[1], _containers())]
+    return (meaningful or candidates)[-1]
+
+
+def _containers() -> tuple:
+    torch = _torch()
+    return torch.nn.Sequential, torch.nn.ModuleList, torch.nn.ModuleDict
+
+
+def _is_block(module) -> bool:
+    """A module with submodules of its own that is more than a list of them (a ResNet block, an encoder layer),
+    and not a single layer that happens to hold a helper (a convolution with its own padding module)."""
+    torch = _torch()
+    layers = (torch.nn.modules.conv._ConvNd, torch.nn.Linear, torch.nn.modules.batchnorm._NormBase,
+              torch.nn.LayerNorm, torch.nn.GroupNorm, torch.nn.Embedding)  # fmt: skip
+    if isinstance(module, (*_containers(), *layers)):
+        return False
+    return any(True for _ in module.children())
+
+
+def _first_tensor(output):
+    torch = _torch()
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
+        return output[0]  # (output, state) as LSTM and MultiheadAttention return
+    return None
+
+
+def _tensors(output) -> list:
+    torch = _torch()
+    if isinstance(output, torch.Tensor):
+        return [output]
+    if isinstance(output, Mapping):
+        output = list(output.values())
+    if isinstance(output, (tuple, list)):
+        return [item for item in output if isinstance(item, torch.Tensor)]
+    return []
+
+
+def _example(example_inputs, module, input_names):
+    """Example inputs as a tuple of tensors with at least two samples (so the batch axis stays dynamic), and
+    the ONNX input names: ``input_names``, the dict's keys, or ``forward``'s argument names."""
+    torch = _torch()
+    if isinstance(example_inputs, Mapping):
+        names = list(input_names or example_inputs)
+        values = list(example_inputs.values())
+    else:
+        values = list(example_inputs) if isinstance(example_inputs, tuple) else [example_inputs]
+        names = list(input_names or _argument_names(module, len(values)))
+    if len(names) != len(values):
+        raise DataError(f"{len(values)} example inputs but {len(names)} input names ({', '.join(names)})")
+    tensors = [value if isinstance(value, torch.Tensor) else torch.from_numpy(np.asarray(value)) for value in values]
+    if any(tensor.dim() == 0 or len(tensor) == 0 for tensor in tensors):
+        raise DataError("example inputs need a batch axis with at least one sample")
+    tensors = [tensor if len(tensor) > 1 else torch.cat([tensor, tensor]) for tensor in tensors]
+    return tuple(tensors), names
+
+
+def _argument_names(module, count: int) -> list[str]:
+    try:
+        parameters = list(inspect.signature(module.forward).parameters.values())
+    except (TypeError, ValueError):
+        parameters = []
+    names = [p.name for p in parameters if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)][:count]
+    if len(names) == count:
+        return names
+    return ["input"] if count == 1 else [f"input_{i}" for i in range(count)]
+
+
+def _numpy(value) -> np.ndarray:
+    if hasattr(value, "detach"):
+        return value.detach().cpu().numpy()
+    return np.asarray(value)
+
+
+def _reason(exc: BaseException) -> str:
+    """The first line of the innermost cause: the exporter wraps the real reason in generic advice."""
+    while exc.__cause__ is not None:
+        exc = exc.__cause__
+    lines = [line for line in str(exc).strip().splitlines() if line.strip()]
+    return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
