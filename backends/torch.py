@@ -5,6 +5,7 @@ through the ONNX path like any other model. Conversion and delegation only; need
 
     report = probe_torch.probe_module(model, images, labels)   # numpy or torch inputs
     probe_torch.export(model, example_images, "model.onnx")    # then: probe run model.onnx --data ...
+    probe_torch.record(tracker, step, model, example_images)   # in a training loop (probecore.ProbeTracker)
 
 Each tensor a module returns is named after the module (``layer3.2``, ``features.4``); a module called
 more than once names its later outputs ``relu:2``, ``relu:3``, and one that returns its input unchanged
@@ -107,6 +108,18 @@ def probe_module(
         path = export(module, example, Path(folder) / "model.onnx", input_names)
         options.setdefault("model_label", f"torch module {type(module).__name__}")
         return adapter.probe_exported(path, x, _numpy(y), layers, **options)
+
+
+def record(tracker: probecore.ProbeTracker, checkpoint, module, example, input_names: Sequence[str] | None = None):
+    """Probe ``module`` as it is now (a training loop's current weights) into ``tracker`` under the label
+    ``checkpoint``: export to a temporary file, probe, delete. Returns that checkpoint's ``ProbeReport``."""
+    from .onnx_source import OnnxSource
+
+    with tempfile.TemporaryDirectory(prefix="probecore-torch-") as folder:
+        path = export(module, example, Path(folder) / "model.onnx", input_names)
+        report = tracker.record(checkpoint, OnnxSource(path))
+    report.settings["source"]["model"] = f"torch module {type(module).__name__}"
+    return report
 
 
 class _Recorder:

@@ -130,3 +130,5 @@ def print_summary(report: ProbeReport) -> None:
         console.print(f"{hits} cached feature entr{'y' if hits == 1 else 'ies'} read from {cache['dir']}, without a forward pass")
     if report.model_test is not None:
         console.print(f"model's own test error ({report.model_output}): {_percent(report.model_test.error)}%")
+    for finding in report.diagnostics:
+        console.print(Text.assemble(("note", "yellow"), f" ({finding.kind.replace('_', ' ')}): {finding.message}"))

@@ -170,9 +170,11 @@ def probe_and_write(
     if preprocessing is not None:
         skipped = dataset.train.x.skipped
         report.settings["images"] = {**preprocessing.describe(), "unreadable_skipped": [str(path) for path, _ in skipped]}
-    report.write(out)
+    from probecore.render import report_figures  # matplotlib loads only here
+
+    report.write(out, report_figures(report))
     if as_json:
         print(report.to_json())
     elif not quiet:
         print_summary(report)
-        console.print(f"wrote {out / 'report.json'} and {out / 'probes.csv'}")
+        console.print(f"wrote {out / 'report.json'}, probes.csv, errors.png and report.html")

@@ -13,6 +13,7 @@ ONNX files, ``ArraySource`` for activations you already have).
 """
 
 from .datasets import Dataset, Split, load_dataset, pack_inputs, split_dataset
+from .diagnostics import DiagnosticOptions, Finding, diagnose
 from .errors import (
     CacheError, DataError, ExtraNotInstalledError, LayerSelectionError, ModelError, ProbeError, ReductionError,
 )  # fmt: skip
@@ -24,12 +25,19 @@ from .reduction import Reduction, ReductionPolicy, plan_reduction
 from .report import LayerResult, ProbeReport
 from .softmax import SplitMetrics
 from .source import ActivationSource, ArraySource, LayerInfo, ReducingSource
+from .sweep import ProbeTracker, SweepReport, run_sweep
 
 __version__ = "0.1.0"
 
 __all__ = [
     "ActivationSource",
     "ArraySource",
+    "DiagnosticOptions",
+    "Finding",
+    "ProbeTracker",
+    "SweepReport",
+    "diagnose",
+    "run_sweep",
     "CacheError",
     "DataError",
     "Dataset",

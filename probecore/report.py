@@ -11,6 +11,7 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .diagnostics import Finding, diagnose
 from .softmax import SplitMetrics
 
 SPLIT_NAMES = ("train", "valid", "test")
@@ -77,6 +78,11 @@ class ProbeReport:
     model_output: str | None = None
     settings: dict = field(default_factory=dict)
 
+    @property
+    def diagnostics(self) -> list[Finding]:
+        """Steps back in depth, dead segments and overfitting probes (``diagnostics.py``)."""
+        return diagnose([layer.name for layer in self.layers], [layer.metrics for layer in self.layers])
+
     def to_dict(self) -> dict:
         return {
             "format": "probecore.report/1",
@@ -87,7 +93,21 @@ class ProbeReport:
             if self.model_test is None
             else {"output": self.model_output, "test": self.model_test.to_dict()},
             "layers": [layer.to_dict() for layer in self.layers],
+            "diagnostics": [finding.to_dict() for finding in self.diagnostics],
         }
+
+    @classmethod
+    def from_dict(cls, data: dict) -> ProbeReport:
+        """The report that ``to_dict`` (report.json) describes."""
+        model = data.get("model")
+        return cls(
+            layers=[_layer_from_dict(layer) for layer in data["layers"]],
+            classes=data["classes"],
+            split_sizes=data["split_sizes"],
+            model_test=None if model is None else _metrics_from_dict(model["test"]),
+            model_output=None if model is None else model["output"],
+            settings=data.get("settings", {}),
+        )
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2)
@@ -112,37 +132,65 @@ class ProbeReport:
             writer.writerow(row)
         return buffer.getvalue()
 
-    def write(self, out_dir: str | Path) -> Path:
-        """Write report.json and probes.csv into ``out_dir`` so that no reader ever sees half of them.
+    def files(self) -> dict[str, str]:
+        return {"report.json": self.to_json() + "\n", "probes.csv": self.to_csv()}
 
-        A new directory is filled under a temporary name and renamed into place; into an existing one each
-        file is written to a temporary name and renamed over the old one.
-        """
-        out_dir = Path(out_dir)
-        files = {"report.json": self.to_json() + "\n", "probes.csv": self.to_csv()}
-        if out_dir.exists():
-            for name, text in files.items():
-                write_text_atomic(out_dir / name, text)
-            return out_dir
-        out_dir.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-        try:
-            staging.chmod(0o755)  # mkdtemp makes it private
-            for name, text in files.items():
-                (staging / name).write_text(text)
-            os.replace(staging, out_dir)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
+    def write(self, out_dir: str | Path, extra: dict[str, str | bytes] | None = None) -> Path:
+        """Write report.json, probes.csv and ``extra`` files (figures) into ``out_dir`` (``write_results``)."""
+        return write_results(out_dir, {**self.files(), **(extra or {})})
+
+
+def write_results(out_dir: str | Path, files: dict[str, str | bytes]) -> Path:
+    """Write ``files`` (name -> text or bytes) into ``out_dir`` so that no reader ever sees half of them.
+
+    A new directory is filled under a temporary name and renamed into place; into an existing one each
+    file is written to a temporary name and renamed over the old one.
+    """
+    out_dir = Path(out_dir)
+    if out_dir.exists():
+        for name, content in files.items():
+            write_text_atomic(out_dir / name, content)
         return out_dir
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        staging.chmod(0o755)  # mkdtemp makes it private
+        for name, content in files.items():
+            (staging / name).write_bytes(content.encode() if isinstance(content, str) else content)
+        os.replace(staging, out_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return out_dir
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to a temporary file beside ``path``, then rename it over ``path``."""
+def _metrics_from_dict(data: dict) -> SplitMetrics:
+    return SplitMetrics(data["n"], data["loss"], data["error"], data["top5_error"])
+
+
+def _layer_from_dict(data: dict) -> LayerResult:
+    fit, control = data["fit"], data.get("control")
+    return LayerResult(
+        name=data["name"],
+        op_type=data["op_type"],
+        shape=tuple(data["shape"]),
+        reduction=data["reduction"],
+        metrics={split: _metrics_from_dict(data["metrics"][split]) for split in SPLIT_NAMES},
+        n_iter=fit["iterations"],
+        stop_reason=fit["stop_reason"],
+        fit_seconds=fit["seconds"],
+        l2=fit["l2"],
+        l2_path=fit["l2_path"],
+        control=None if control is None else {s: _metrics_from_dict(control["metrics"][s]) for s in SPLIT_NAMES},
+    )
+
+
+def write_text_atomic(path: Path, content: str | bytes) -> None:
+    """Write ``content`` to a temporary file beside ``path``, then rename it over ``path``."""
     handle, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
-        with os.fdopen(handle, "w") as temp_file:
-            temp_file.write(text)
+        with os.fdopen(handle, "wb") as temp_file:
+            temp_file.write(content.encode() if isinstance(content, str) else content)
         os.chmod(temp_name, 0o644)  # mkstemp makes it private
         os.replace(temp_name, path)
     except BaseException:

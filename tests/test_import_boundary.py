@@ -5,10 +5,10 @@ import sys
 
 
 def test_importing_the_core_loads_no_runtime_or_framework():
-    # numba, scipy and Pillow load when first used (host reductions, fitting, image folders), not on import.
+    # numba, scipy, Pillow and matplotlib load when first used (host reductions, fitting, image folders, figures).
     code = (
         "import sys, probecore\n"
-        "heavy = ('onnxruntime', 'onnx', 'torch', 'tensorflow', 'keras', 'numba', 'scipy', 'PIL')\n"
+        "heavy = ('onnxruntime', 'onnx', 'torch', 'tensorflow', 'keras', 'numba', 'scipy', 'PIL', 'matplotlib')\n"
         "loaded = [m for m in heavy if m in sys.modules]\n"
         "print(','.join(loaded))\n"
     )

@@ -63,14 +63,14 @@ def test_existing_directory_gets_its_files_replaced_and_keeps_others(tmp_path):
 
 
 def test_a_failed_write_leaves_no_directory_behind(tmp_path, monkeypatch):
-    original_write = Path.write_text
+    original_write = Path.write_bytes
 
-    def fail_on_csv(path, text, *args, **kwargs):
+    def fail_on_csv(path, data, *args, **kwargs):
         if path.name == "probes.csv":
             raise OSError("disk full")
-        return original_write(path, text, *args, **kwargs)
+        return original_write(path, data, *args, **kwargs)
 
-    monkeypatch.setattr(Path, "write_text", fail_on_csv)
+    monkeypatch.setattr(Path, "write_bytes", fail_on_csv)
     with pytest.raises(OSError, match="disk full"):
         make_report().write(tmp_path / "results")
     assert list(tmp_path.iterdir()) == []

@@ -158,3 +158,23 @@ def test_a_missing_torch_gives_one_line_naming_the_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "torch", None)  # import torch now raises ImportError
     with pytest.raises(probecore.ExtraNotInstalledError, match=r"^PyTorch is not installed; install it with: pip install 'probecore\[torch\]'$"):
         probe_torch.export(object(), np.zeros((2, 3)), "never.onnx")
+
+
+def test_record_probes_the_current_weights_into_a_tracker(rng):
+    torch.manual_seed(3)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.ReLU(), torch.nn.Linear(16, 3))
+    labels = rng.integers(0, 3, size=300)
+    x = rng.normal(size=(300, 6)).astype(np.float32)
+    x[:, 0] += 3 * labels
+    tracker = probecore.ProbeTracker(probecore.split_dataset(x, labels, seed=0), layers=["1", "output"])
+    first = probe_torch.record(tracker, "init", model, x[:2])
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.05)
+    for _ in range(100):
+        optimizer.zero_grad()
+        torch.nn.functional.cross_entropy(model(torch.from_numpy(x)), torch.from_numpy(labels)).backward()
+        optimizer.step()
+    probe_torch.record(tracker, "trained", model, x[:2])
+    assert tracker.sweep.checkpoints == ["init", "trained"] and tracker.sweep.layers == ["1", "output"]
+    assert first.settings["source"]["model"] == "torch module Sequential" and model.training
+    own = [report.model_test.error for report in tracker.sweep.reports]
+    assert own[1] < own[0] and own[1] < 0.15  # the second checkpoint saw the trained weights
