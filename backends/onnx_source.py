@@ -229,7 +229,10 @@ def create_session(model_bytes: bytes, device: str = "auto", spin: bool = True):
     try:
         return ort.InferenceSession(model_bytes, options, providers=[CPU]), CPU
     except Exception as exc:
-        raise ModelError(f"onnxruntime cannot run this model: {onnx_graph.first_line(exc)}") from None
+        raise ModelError(
+            f"onnxruntime cannot run this model: {onnx_graph.first_line(exc)}; re-export it with standard ONNX ops "
+            "(or register the custom op library it needs)"
+        ) from None
 
 
 @functools.cache

@@ -130,5 +130,8 @@ def print_summary(report: ProbeReport) -> None:
         console.print(f"{hits} cached feature entr{'y' if hits == 1 else 'ies'} read from {cache['dir']}, without a forward pass")
     if report.model_test is not None:
         console.print(f"model's own test error ({report.model_output}): {_percent(report.model_test.error)}%")
+    skipped = report.settings.get("images", {}).get("unreadable_skipped", [])
+    if skipped:
+        console.print(f"skipped {len(skipped)} unreadable image{'s' if len(skipped) > 1 else ''} (listed in report.json)")
     for finding in report.diagnostics:
         console.print(Text.assemble(("note", "yellow"), f" ({finding.kind.replace('_', ' ')}): {finding.message}"))

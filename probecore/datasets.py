@@ -176,7 +176,7 @@ def _check_pair(x: np.ndarray, y: np.ndarray, where: str) -> None:
             f"{where}: {len(x) if np.ndim(x) else 0} samples but {len(y)} labels; give one label per sample"
         )
     if len(y) == 0:
-        raise DataError(f"{where}: no samples; the data set is empty")
+        raise DataError(f"{where}: no samples; the data set is empty, pass one with labelled samples")
 
 
 def _encode(labels: np.ndarray, where: str) -> tuple[np.ndarray, np.ndarray]:
@@ -190,7 +190,8 @@ def _encode(labels: np.ndarray, where: str) -> tuple[np.ndarray, np.ndarray]:
         raise DataError(f"{where}: labels have dtype {labels.dtype}; use integer or string class labels")
     classes, codes = np.unique(labels, return_inverse=True)
     if len(classes) < 2:
-        raise DataError(f"{where}: all labels are {classes[0]!r}; a probe needs at least two classes")
+        only = classes[0].item() if hasattr(classes[0], "item") else classes[0]
+        raise DataError(f"{where}: all labels are {only!r}; a probe needs at least two classes, so add samples of another")
     return classes, codes.astype(np.int64)
 
 

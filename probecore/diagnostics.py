@@ -10,8 +10,11 @@ flag means more than sampling noise on the test split:
   probe error before the run (by more than ``tolerance``), while a later layer is better beyond the
   intervals of every layer in the run: paper section 5.1, the first half of a 128-layer network that
   training left unused because a skip connection went around it.
-- ``overfit``: a probe whose validation error exceeds its training error by more than ``overfit_gap``: it
-  memorized its training split, and a stronger L2 or fewer features may read the layer more faithfully.
+- ``overfit``: a probe whose validation error exceeds its training error by more than ``overfit_gap``,
+  beyond the validation error's interval (its lower bound is above): it memorized its training split, and
+  a stronger L2 or fewer features may read the layer more faithfully.
+- ``activations``: a layer whose activations hold NaN or Inf (set to 0 before fitting, and counted), or
+  whose features are all constant on the training split (nothing there for a probe to read).
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ class Finding:
 class DiagnosticOptions:
     min_run: int = 3  # layers in a dead segment, at least
     tolerance: float = 0.005  # an error this much below the best so far is no improvement (0.5 points)
-    overfit_gap: float = 0.10  # validation error above training error by more than this (10 points)
+    overfit_gap: float = 0.10  # validation error above training error by more than this (10 points), beyond noise
 
 
 def diagnose(
@@ -55,7 +58,7 @@ def _overfit(names, metrics, options: DiagnosticOptions) -> list[Finding]:
     """Probes whose valid error exceeds their train error by more than the gap; consecutive ones together."""
     runs: list[list[int]] = []
     for index, m in enumerate(metrics):
-        if m["valid"].error - m["train"].error > options.overfit_gap:
+        if m["valid"].error_interval[0] - m["train"].error > options.overfit_gap:
             if runs and runs[-1][-1] == index - 1:
                 runs[-1].append(index)
             else:
@@ -116,6 +119,26 @@ def _dead_segments(names, errors, intervals, options: DiagnosticOptions) -> list
                     f"{_pct(errors[rescue])}; training may be leaving these layers unused (paper, section 5.1)"
                 )))  # fmt: skip
         entry = max(end, entry + 1)
+    return findings
+
+
+def activation_findings(names: Sequence[str], stats: Sequence[dict | None]) -> list[Finding]:
+    """NaN/Inf activations and layers whose features are all constant, from each layer's activation counts."""
+    findings = []
+    for name, counts in zip(names, stats):
+        if not counts:
+            continue
+        if counts["non_finite_values"]:
+            findings.append(Finding("activations", (name,), (
+                f"{name}: {counts['non_finite_values']} activation values in {counts['samples_with_non_finite']} "
+                "samples are NaN or Inf; they were set to 0 before fitting, so this probe reads a damaged layer "
+                "(look for overflow or a log/division of zero in the model)"
+            )))  # fmt: skip
+        if counts["constant_features"] and counts["constant_features"] == counts["features"]:
+            findings.append(Finding("activations", (name,), (
+                f"{name}: all {counts['features']} features are constant on the training split (a dead layer, e.g. "
+                "ReLUs that never fire); its probe can only predict the most frequent class"
+            )))  # fmt: skip
     return findings
 
 

@@ -21,6 +21,7 @@ import json
 import operator
 import os
 import re
+import shutil
 import socket
 import time
 from collections.abc import Callable
@@ -180,6 +181,12 @@ class CacheEntry:
         if self._lock_fd is not None:
             _release_lock(self._lock_fd)
             self._lock_fd = None
+
+    def discard(self) -> None:
+        """Remove the entry's files and release it: for a run that failed, so it leaves nothing behind."""
+        self._check_open()
+        shutil.rmtree(self.directory, ignore_errors=True)
+        self.close()
 
     def __enter__(self) -> CacheEntry:
         return self

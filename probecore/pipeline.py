@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import errno
 import functools
 import hashlib
 import platform
@@ -18,7 +19,7 @@ from .feature_cache import FeatureCache
 from .layers import select_layers
 from .control import control_labels
 from .probe import FitOptions, Probe, fit_probes
-from .errors import ReductionError
+from .errors import CacheError, ReductionError
 from .reduction import Reduction, ReductionPolicy, plan_reduction
 from .report import LayerResult, ProbeReport
 from .softmax import SplitMetrics
@@ -69,6 +70,7 @@ def run_probes(
 
     n_classes = len(dataset.classes)
     features = extracted.by_layer
+    counts = {name: activation_counts(features[name]) for name in features}  # NaN/Inf set to 0 here
     probes = _fit_layers(features, dataset.train.y, dataset.valid.y, n_classes, fit, progress, "fit")
     controls = {}
     if control_task:
@@ -88,7 +90,9 @@ def run_probes(
     for layer in chosen:
         probe, by_split = probes[layer.name], features[layer.name]
         metrics = {name: probe.evaluate(by_split[name], split.y) for name, split in dataset.splits().items()}
-        results.append(_layer_result(layer, extracted.reductions[layer.name], metrics, probe, controls.get(layer.name)))
+        result = _layer_result(layer, extracted.reductions[layer.name], metrics, probe, controls.get(layer.name))
+        result.activations = counts[layer.name]
+        results.append(result)
     fit_seconds = time.perf_counter() - started - extract_seconds
 
     model_test = None
@@ -230,17 +234,30 @@ def _in_memory(x, batches, report) -> dict[str, np.ndarray]:
 
 
 def _through_cache(cache: FeatureCache, key: dict, x, batches, report) -> tuple[dict[str, np.ndarray], bool]:
-    """Fill the cache entry for ``key`` from where it stopped (if it is not complete), then read it."""
+    """Fill the cache entry for ``key`` from where it stopped (if it is not complete), then read it.
+
+    An interrupted run (Ctrl-C, kill -9) leaves the entry to be resumed; a run that fails (the model, the
+    data, a full disk) removes it, so nothing it wrote outlives it."""
     widths = {name: int(width) for name, width in key["widths"].items()}
     with cache.open(key, len(x), widths) as entry:
         from_cache = entry.complete
         start = entry.completed
         report(start)
-        if not entry.complete:
-            for batch in batches(_rows_from(x, start)):
+        try:
+            for batch in [] if entry.complete else batches(_rows_from(x, start)):
                 entry.write(start, batch)
                 start += len(next(iter(batch.values())))
                 report(start)
+        except KeyboardInterrupt:
+            raise
+        except Exception as exc:
+            entry.discard()
+            if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise CacheError(
+                    f"out of disk space writing the feature cache in {cache.root} (the partial entry was removed); "
+                    "free some space, pass --cache-dir on another disk, or --no-cache"
+                ) from None
+            raise
         return entry.read(), from_cache
 
 
@@ -267,6 +284,23 @@ def _rows_from(x, start: int):
     if start == 0:
         return x
     return x.subset(np.arange(start, len(x))) if hasattr(x, "subset") else x[start:]
+
+
+def activation_counts(by_split: dict[str, np.ndarray]) -> dict:
+    """Count NaN/Inf values (and the samples holding them) over every split and replace them by 0, so one
+    damaged layer is reported rather than stopping the run; count the features constant on the training
+    split. Arrays with non-finite values are replaced by cleaned copies (cached ones are read-only)."""
+    values, samples = 0, 0
+    for split, array in by_split.items():
+        bad = ~np.isfinite(array)
+        if bad.any():
+            values += int(bad.sum())
+            samples += int(bad.any(axis=1).sum())
+            by_split[split] = np.where(bad, np.float32(0), array).astype(array.dtype)
+    train = by_split["train"]
+    constant = int(np.sum(train.min(axis=0) == train.max(axis=0))) if len(train) else 0
+    return {"non_finite_values": values, "samples_with_non_finite": samples, "constant_features": constant,
+            "features": int(train.shape[1])}  # fmt: skip
 
 
 def _output_predicting(available: Sequence[LayerInfo], classes: np.ndarray) -> LayerInfo | None:

@@ -11,7 +11,7 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .diagnostics import Finding, diagnose
+from .diagnostics import Finding, activation_findings, diagnose
 from .softmax import SplitMetrics
 
 SPLIT_NAMES = ("train", "valid", "test")
@@ -32,6 +32,7 @@ class LayerResult:
     l2: float | None = None  # the strength chosen
     l2_path: list[dict] = field(default_factory=list)  # PathPoint.to_dict() per strength tried
     control: dict[str, SplitMetrics] | None = None  # the control task's probe, by split (control.py)
+    activations: dict | None = None  # counts of NaN/Inf values and constant features (pipeline.activation_counts)
 
     @property
     def n_features(self) -> int:
@@ -64,6 +65,7 @@ class LayerResult:
                 "metrics": {split: self.control[split].to_dict() for split in SPLIT_NAMES},
                 "selectivity": self.selectivity,
             },
+            "activations": self.activations,
         }
 
 
@@ -81,7 +83,9 @@ class ProbeReport:
     @property
     def diagnostics(self) -> list[Finding]:
         """Steps back in depth, dead segments and overfitting probes (``diagnostics.py``)."""
-        return diagnose([layer.name for layer in self.layers], [layer.metrics for layer in self.layers])
+        names = [layer.name for layer in self.layers]
+        findings = diagnose(names, [layer.metrics for layer in self.layers])
+        return findings + activation_findings(names, [layer.activations for layer in self.layers])
 
     def to_dict(self) -> dict:
         return {
@@ -182,6 +186,7 @@ def _layer_from_dict(data: dict) -> LayerResult:
         l2=fit["l2"],
         l2_path=fit["l2_path"],
         control=None if control is None else {s: _metrics_from_dict(control["metrics"][s]) for s in SPLIT_NAMES},
+        activations=data.get("activations"),
     )
 
 

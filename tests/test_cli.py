@@ -97,64 +97,6 @@ def test_run_tries_every_strength_given(tmp_path, demo_arrays):
     assert [point["l2"] for point in layer["fit"]["l2_path"]][0] == 1e-1 and layer["fit"]["l2"] in (1e-1, 1e-3)
 
 
-def not_onnx(tmp, arrays):
-    (tmp / "model.onnx").write_bytes(b"not a model")
-    return tmp / "model.onnx", small_npz(tmp / "d.npz", arrays), []
-
-
-def unknown_layer(tmp, arrays):
-    return DEMO_MODEL, small_npz(tmp / "d.npz", arrays), ["--layers", "relu9"]
-
-
-def label_count(tmp, arrays):
-    return DEMO_MODEL, small_npz(tmp / "d.npz", arrays, y_test=arrays["y_test"][:99]), []
-
-
-def missing_key(tmp, arrays):
-    return DEMO_MODEL, small_npz(tmp / "d.npz", arrays, x_train=None), []
-
-
-def input_shape(tmp, arrays):
-    flat = {key: arrays[key][:n].reshape(n, 784) for key, n in (("x_train", 400), ("x_valid", 100), ("x_test", 100))}
-    return DEMO_MODEL, small_npz(tmp / "d.npz", arrays, **flat), []
-
-
-def missing_data(tmp, arrays):
-    return DEMO_MODEL, tmp / "nope.npz", []
-
-
-def l2_not_a_number(tmp, arrays):
-    return DEMO_MODEL, small_npz(tmp / "d.npz", arrays), ["--l2", "1e-3,strong"]
-
-
-def l2_negative(tmp, arrays):
-    return DEMO_MODEL, small_npz(tmp / "d.npz", arrays), ["--l2", "-1"]
-
-
-BAD_INPUTS = [
-    (not_onnx, "is not an ONNX model"),
-    (unknown_layer, "unknown layer 'relu9'; did you mean relu3, relu2, relu1?"),
-    (label_count, "x_test/y_test: 100 samples but 99 labels"),
-    (missing_key, "needs keys x_train, y_train, x_test, y_test"),
-    (input_shape, "per-sample shape (784,), but model input 'pixels' expects (1, 28, 28)"),
-    (missing_data, "data file not found"),
-    (l2_not_a_number, "--l2 takes comma-separated numbers"),
-    (l2_negative, "l2 must be one or more strengths, zero or positive"),
-]
-
-
-@pytest.mark.parametrize("make_case, message", BAD_INPUTS, ids=[case.__name__ for case, _ in BAD_INPUTS])
-def test_bad_input_gives_one_line_exit_1_and_no_output(tmp_path, demo_arrays, make_case, message):
-    model, data, extra = make_case(tmp_path, demo_arrays)
-    out = tmp_path / "results"
-    result = invoke("run", model, "--data", data, "--out", out, *extra)
-    assert result.exit_code == 1
-    assert result.stderr.count("\n") == 1 and result.stderr.startswith("error: "), result.stderr
-    assert message in result.stderr
-    assert "Traceback" not in result.output
-    assert not out.exists()
-
-
 def test_debug_variable_shows_the_traceback(tmp_path):
     result = invoke("layers", tmp_path / "missing.onnx", env={"PROBECORE_DEBUG": "1"})
     assert result.exit_code != 0 and type(result.exception).__name__ == "ModelError"
