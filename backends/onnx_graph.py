@@ -248,7 +248,8 @@ def _outer_names(node: onnx.NodeProto) -> list[str]:
     """Names a control-flow node's subgraphs read (they may come from the enclosing graph)."""
     names = []
     for attribute in node.attribute:
-        for graph in [attribute.g, *attribute.graphs] if attribute.type in (5, 10) else []:
+        graphs = {onnx.AttributeProto.GRAPH: [attribute.g], onnx.AttributeProto.GRAPHS: list(attribute.graphs)}
+        for graph in graphs.get(attribute.type, []):
             for inner in graph.node:
                 names.extend(inner.input)
                 names.extend(_outer_names(inner))

@@ -207,3 +207,27 @@ def test_asking_for_cuda_where_it_cannot_work_is_a_clear_error(tmp_path, rng):
         pytest.skip(f"CUDA works here (onnxruntime {onnxruntime.__version__})")
     with pytest.raises(ModelError, match="--device cuda was asked for"):
         create_session(model.SerializeToString(), "cuda")
+
+
+def test_leaving_out_unneeded_nodes_keeps_what_a_subgraph_reads_from_outside(tmp_path, rng):
+    # an If node whose branches read `r` from the enclosing graph: `r` has no edge to the If node itself
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])
+    branch_out = helper.make_tensor_value_info("branch", TensorProto.FLOAT, ["N", 4])
+    then_graph = helper.make_graph([helper.make_node("Identity", ["r"], ["branch"])], "then", [], [branch_out])
+    else_graph = helper.make_graph([helper.make_node("Neg", ["r"], ["branch"])], "else", [], [branch_out])
+    nodes = [
+        helper.make_node("Relu", ["x"], ["r"]),
+        helper.make_node("ReduceSum", ["x"], ["total"], keepdims=0),
+        helper.make_node("Greater", ["total", "zero"], ["positive"]),
+        helper.make_node("If", ["positive"], ["y"], then_branch=then_graph, else_branch=else_graph),
+        helper.make_node("Sigmoid", ["x"], ["unused"]),
+    ]
+    zero = helper.make_tensor("zero", TensorProto.FLOAT, [], [0.0])
+    outputs = [helper.make_tensor_value_info(name, TensorProto.FLOAT, ["N", 4]) for name in ("y", "unused")]
+    model = onnx.load(str(save_model(tmp_path / "if.onnx", nodes, [x], outputs, [zero])))
+    exposed = onnx.load_from_string(onnx_graph.with_outputs(model, ["y"]))
+    assert [node.output[0] for node in exposed.graph.node] == ["r", "total", "positive", "y"]
+    session = create_session(exposed.SerializeToString())[0]
+    values = rng.normal(size=(3, 4)).astype(np.float32)
+    expected = np.maximum(values, 0) * (1 if values.sum() > 0 else -1)
+    np.testing.assert_allclose(session.run(["y"], {"x": values})[0], expected, rtol=1e-6)
