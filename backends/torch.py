@@ -97,7 +97,8 @@ def probe_module(
 
     ``x``: a numpy array or torch tensor, or a dict from ``forward`` argument name to array for a module with
     several inputs (token ids and an attention mask). ``example``: what ``export`` traces with (default: the
-    first two samples). ``options`` go to ``adapter.probe_exported`` (policy, fit, seed, fractions, ...)."""
+    first two samples; the exported input takes its dtype, so pass a float example for a model fed uint8
+    pixels it casts itself). ``options`` go to ``adapter.probe_exported`` (policy, fit, seed, fractions, ...)."""
     if isinstance(x, Mapping):
         x = probecore.pack_inputs(**{name: _numpy(value) for name, value in x.items()})
         example = example if example is not None else {name: x[name][:2] for name in x.dtype.names}

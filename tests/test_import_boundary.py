@@ -24,3 +24,21 @@ def test_the_onnx_backend_loads_onnxruntime_only_when_a_session_is_made():
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "False"
+
+
+def test_the_onnx_path_runs_with_torch_and_tensorflow_unimportable(tmp_path):
+    # as on a machine without the extras: importing either framework fails, and nothing asks for them
+    code = (
+        "import sys\n"
+        "class Missing:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] in ('torch', 'tensorflow', 'keras', 'tf2onnx'):\n"
+        "            raise ModuleNotFoundError(name)\n"
+        "sys.meta_path.insert(0, Missing())\n"
+        "from probecore.cli.app import app\n"
+        f"sys.argv = ['probe', 'demo', '--quiet', '--out', {str(tmp_path / 'demo')!r}]\n"
+        "app()\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "demo" / "report.json").exists()
