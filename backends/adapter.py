@@ -87,12 +87,13 @@ def finish_export(
     ``model`` to ``path`` atomically. ``others_default``: whether unnamed tensors may be default picks (not
     where the exporter adds its own layout copies of the named ones, as tf2onnx does)."""
     graph = model.graph
-    own = [value for value in graph.output if value.name in set(outputs)]
-    missing = set(outputs) - {value.name for value in own}
+    own = onnx.GraphProto()  # copies: what a repeated field lets go of must not be used again
+    own.output.extend(value for value in graph.output if value.name in set(outputs))
+    missing = set(outputs) - {value.name for value in own.output}
     if missing:
         raise ModelError(f"the exported model lacks the outputs {sorted(missing)}; report this as a bug")
     del graph.output[:]
-    graph.output.extend(own)
+    graph.output.extend(own.output)
     record = {"adapter": adapter, "others_default": others_default,
               "layers": {layer.name: {k: v for k, v in asdict(layer).items() if k != "name"} for layer in layers}}  # fmt: skip
     for prop in [prop for prop in model.metadata_props if prop.key == LAYERS_METADATA]:
