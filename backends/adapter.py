@@ -10,12 +10,13 @@ and records what each named tensor is in the file's metadata (``onnx_graph.LAYER
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
 import os
 import sys
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -24,6 +25,7 @@ import onnx
 
 import probecore
 from probecore.errors import ExtraNotInstalledError, ModelError
+from probecore.report import write_text_atomic
 
 from .onnx_graph import LAYERS_METADATA
 
@@ -101,14 +103,7 @@ def finish_export(
     model.metadata_props.add(key=LAYERS_METADATA, value=json.dumps(record))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=path.name, suffix=".partial", dir=path.parent)
-    os.close(handle)
-    try:
-        onnx.save(model, temporary)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+    write_text_atomic(path, model.SerializeToString())
     return path
 
 
@@ -152,6 +147,13 @@ def export_reference(reference: str, path: str | Path) -> Path:
     raise ModelError(
         f"{reference} returned a {type(model).__name__}, not a torch.nn.Module or a Keras model; return one of those"
     )
+
+
+@contextlib.contextmanager
+def temporary_export(export: Callable[[Path], Path]) -> Iterator[Path]:
+    """The ONNX file that ``export(path)`` writes into a temporary folder, removed when the block ends."""
+    with tempfile.TemporaryDirectory(prefix="probecore-export-") as folder:
+        yield export(Path(folder) / "model.onnx")
 
 
 def probe_exported(

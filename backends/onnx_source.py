@@ -37,6 +37,7 @@ class OnnxSource:
         model = onnx_graph.load_outline(self.path)
         self.model_sha256 = onnx_graph.file_sha256(self.path)
         self._inputs = onnx_graph.model_inputs(model)
+        self._input_dtypes = {value.name: onnx_graph.numpy_dtype(value) for value in self._inputs}
         self._input = self._inputs[0]
         self._input_dims = onnx_graph.tensor_dims(self._input)
         self._layers = onnx_graph.candidate_layers(model)
@@ -120,11 +121,11 @@ class OnnxSource:
             chunk = np.asarray(x[start : start + step])  # lazy inputs load here
             given = {inputs[0]: chunk} if len(inputs) == 1 else {name: chunk[name] for name in inputs}
             feed = {}
-            for value in self._inputs:
-                array = given[value.name].astype(onnx_graph.numpy_dtype(value), copy=False)
+            for name, dtype in self._input_dtypes.items():
+                array = given[name].astype(dtype, copy=False)
                 if fixed_batch > 0 and len(chunk) < fixed_batch:  # a model exported with a fixed batch size
                     array = np.concatenate([array, np.repeat(array[-1:], fixed_batch - len(chunk), axis=0)])
-                feed[value.name] = array
+                feed[name] = array
             try:
                 values = session.run(fetched, feed) if fetched else []
             except Exception as exc:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import tempfile
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -29,6 +28,7 @@ from probecore.errors import DataError, ModelError
 
 from . import adapter
 from .adapter import NamedLayer
+from .onnx_graph import first_line
 
 OPSET = 17
 MERGE_KINDS = {"Add", "Concatenate"}
@@ -69,7 +69,7 @@ def export(model, path: str | Path) -> Path:
             warnings.simplefilter("ignore")
             proto, _ = tf2onnx.convert.from_keras(exposing, input_signature=signature, opset=OPSET)
     except Exception as exc:
-        raise ModelError(f"tf2onnx could not convert the model: {type(exc).__name__}: {_first_line(exc)}") from None
+        raise ModelError(f"tf2onnx could not convert the model: {type(exc).__name__}: {first_line(exc)}") from None
     wanted = [*output_names, *(layer.name for layer, _ in named)]
     adapter.rename_values(proto, {value.name: name for value, name in zip(proto.graph.output, wanted)})
     adapter.sort_by_depth(proto)
@@ -81,9 +81,8 @@ def export(model, path: str | Path) -> Path:
 def probe_model(model, x, y, layers: str | Sequence[str] | None = None, **options) -> probecore.ProbeReport:
     """Probe every default layer (or ``layers``) of the Keras ``model`` on inputs ``x`` and labels ``y``.
     ``options`` go to ``adapter.probe_exported`` (policy, fit, seed, fractions, ...)."""
-    with tempfile.TemporaryDirectory(prefix="probecore-keras-") as folder:
-        path = export(model, Path(folder) / "model.onnx")
-        options.setdefault("model_label", f"keras model {model.name}")
+    options.setdefault("model_label", f"keras model {model.name}")
+    with adapter.temporary_export(lambda path: export(model, path)) as path:
         return adapter.probe_exported(path, np.asarray(x), np.asarray(y), layers, **options)
 
 
@@ -107,7 +106,3 @@ def _is_default(layer, keras) -> bool:
     activation = getattr(layer, "activation", None)
     return activation is not None and getattr(activation, "__name__", "linear") != "linear"
 
-
-def _first_line(exc: Exception) -> str:
-    lines = [line for line in str(exc).strip().splitlines() if line.strip()]
-    return lines[0] if lines else ""

@@ -22,7 +22,6 @@ import contextlib
 import inspect
 import io
 import logging
-import tempfile
 import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -34,6 +33,7 @@ from probecore.errors import DataError, ModelError
 
 from . import adapter
 from .adapter import NamedLayer
+from .onnx_graph import first_line
 
 OPSET = 18  # the lowest opset torch's exporter writes natively
 
@@ -56,7 +56,7 @@ def export(module, example_inputs, path: str | Path, input_names: Sequence[str] 
             with torch.no_grad():
                 outputs, plan = recorder.dry_run(inputs)
             output_names = ["output"] if len(outputs) == 1 else [f"output_{i}" for i in range(len(outputs))]
-            exposing = _Exposing(module, recorder, [label for label, _ in plan])
+            exposing = _exposing(module, recorder, [label for label, _ in plan])
             batch = torch.export.Dim("batch", min=1)
             with _quiet():
                 program = torch.onnx.export(
@@ -105,9 +105,8 @@ def probe_module(
     else:
         x = _numpy(x)
         example = example if example is not None else x[:2]
-    with tempfile.TemporaryDirectory(prefix="probecore-torch-") as folder:
-        path = export(module, example, Path(folder) / "model.onnx", input_names)
-        options.setdefault("model_label", f"torch module {type(module).__name__}")
+    options.setdefault("model_label", f"torch module {type(module).__name__}")
+    with adapter.temporary_export(lambda path: export(module, example, path, input_names)) as path:
         return adapter.probe_exported(path, x, _numpy(y), layers, **options)
 
 
@@ -116,8 +115,7 @@ def record(tracker: probecore.ProbeTracker, checkpoint, module, example, input_n
     ``checkpoint``: export to a temporary file, probe, delete. Returns that checkpoint's ``ProbeReport``."""
     from .onnx_source import OnnxSource
 
-    with tempfile.TemporaryDirectory(prefix="probecore-torch-") as folder:
-        path = export(module, example, Path(folder) / "model.onnx", input_names)
+    with adapter.temporary_export(lambda path: export(module, example, path, input_names)) as path:
         report = tracker.record(checkpoint, OnnxSource(path))
     report.settings["source"]["model"] = f"torch module {type(module).__name__}"
     return report
@@ -169,24 +167,23 @@ class _Recorder:
         return outputs, plan
 
 
-class _Exposing:
-    """Builds the module the exporter traces: the model's outputs, then each planned tensor."""
+def _exposing(module, recorder: _Recorder, labels: list[str]):
+    """The module the exporter traces: the model's outputs, then each planned tensor (defined here, since
+    torch is imported only when an export is asked for)."""
+    torch = _torch()
 
-    def __new__(cls, module, recorder: _Recorder, labels: list[str]):
-        torch = _torch()
+    class Exposing(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.model = module
 
-        class Exposing(torch.nn.Module):
-            def __init__(self):
-                super().__init__()
-                self.model = module
+        def forward(self, *inputs):
+            recorder.start()
+            outputs = _tensors(self.model(*inputs))
+            by_label = {label: tensor for label, _, tensor in recorder.calls}
+            return (*outputs, *(by_label[label] for label in labels))
 
-            def forward(self, *inputs):
-                recorder.start()
-                outputs = _tensors(self.model(*inputs))
-                by_label = {label: tensor for label, _, tensor in recorder.calls}
-                return (*outputs, *(by_label[label] for label in labels))
-
-        return Exposing()
+    return Exposing()
 
 
 def _namer(candidates: list) -> tuple[str, object]:
@@ -275,5 +272,4 @@ def _reason(exc: BaseException) -> str:
     """The first line of the innermost cause: the exporter wraps the real reason in generic advice."""
     while exc.__cause__ is not None:
         exc = exc.__cause__
-    lines = [line for line in str(exc).strip().splitlines() if line.strip()]
-    return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
+    return f"{type(exc).__name__}: {first_line(exc)}"

@@ -4,7 +4,6 @@ Keras model, exported to a temporary ONNX file for the length of the command."""
 from __future__ import annotations
 
 import contextlib
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,6 +17,5 @@ def model_source(model: str | Path, device: str = "auto") -> Iterator:
     if not adapter.is_reference(str(model)):
         yield OnnxSource(model, device=device)
         return
-    with tempfile.TemporaryDirectory(prefix="probecore-export-") as folder:
-        path = adapter.export_reference(str(model), Path(folder) / "model.onnx")
+    with adapter.temporary_export(lambda path: adapter.export_reference(str(model), path)) as path:
         yield OnnxSource(path, device=device)

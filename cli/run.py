@@ -92,10 +92,10 @@ def run_command(
             enabled=not no_reduce, seed=seed, tokens=tokens,
         )  # fmt: skip
         cache = None if no_cache else FeatureCache(cache_dir or default_cache_dir(), "float16" if cache_float16 else "float32")
-        images = {"size": image_size, "resize": resize, "scale": pixel_scale, "mean": _floats(pixel_mean, "--pixel-mean"),
-                  "std": _floats(pixel_std, "--pixel-std")}  # fmt: skip
+        images = {"size": image_size, "resize": resize, "scale": pixel_scale,
+                  "mean": parse_floats(pixel_mean, "--pixel-mean"), "std": parse_floats(pixel_std, "--pixel-std")}  # fmt: skip
         probe_and_write(
-            model, data, out, layers=layers, policy=policy, fit=FitOptions(l2=_floats(l2, "--l2"), threads=threads),
+            model, data, out, layers=layers, policy=policy, fit=FitOptions(l2=parse_floats(l2, "--l2"), threads=threads),
             control_task=control, batch_size=batch_size,
             seed=seed, fractions=(valid_fraction, test_fraction), device=device, cache=cache, images=images,
             layers_per_pass=layers_per_pass, quiet=quiet, as_json=as_json,
@@ -136,7 +136,7 @@ def image_preprocessing(source, size=None, resize=None, scale=1 / 255, mean=(0.0
     )  # fmt: skip
 
 
-def _floats(text: str, option: str) -> tuple[float, ...]:
+def parse_floats(text: str, option: str) -> tuple[float, ...]:
     try:
         return tuple(float(part) for part in text.split(","))
     except ValueError:

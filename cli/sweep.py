@@ -16,7 +16,7 @@ from probecore.reduction import ReductionPolicy
 
 from .models import model_source
 from .output import console, progress_bars, user_errors
-from .run import FIT, POLICY, _floats, default_cache_dir, image_preprocessing
+from .run import FIT, POLICY, default_cache_dir, image_preprocessing, parse_floats
 
 
 def sweep_command(
@@ -50,7 +50,7 @@ def sweep_command(
                 if tracker is None:  # one data pipeline for every checkpoint
                     preprocessing = image_preprocessing(source) if data.is_dir() else None
                     dataset = probecore.load_dataset(data, seed=seed, preprocessing=preprocessing)
-                    fit = FitOptions(l2=_floats(l2, "--l2"))
+                    fit = FitOptions(l2=parse_floats(l2, "--l2"))
                     tracker = probecore.ProbeTracker(dataset, entries, policy, fit, batch_size, cache=cache)
                 with progress_bars(quiet) as progress:
                     tracker.progress = progress

@@ -18,13 +18,12 @@ import time
 from collections import OrderedDict
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 
 import probecore
+from bundled_digits import bundled_digits
 from probecore.backends import torch as probe_torch
-from probecore.bundled import DEMO_DATA
 from probecore.render import sweep_figures
 
 
@@ -43,11 +42,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("paper-mnist-convnet"))
     args = parser.parse_args()
     torch.manual_seed(0)
-    with np.load(DEMO_DATA) as archive:
-        x_train = torch.from_numpy(archive["x_train"].astype(np.float32) / 255)
-        y_train = torch.from_numpy(archive["y_train"])
-    dataset = probecore.load_dataset(DEMO_DATA)
-    dataset.train.x, dataset.valid.x, dataset.test.x = (s.x.astype(np.float32) / 255 for s in dataset.splits().values())
+    dataset, x_train, y_train = bundled_digits()
     layers = ["input", "conv1", "relu1", "pool1", "conv2", "relu2", "pool2", "fc1", "relu3", "output"]
     tracker = probecore.ProbeTracker(dataset, layers=[f"name:{name}" for name in layers])
     model, example = paper_convnet(), x_train[:2]

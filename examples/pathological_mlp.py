@@ -17,13 +17,12 @@ import argparse
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 
 import probecore
+from bundled_digits import bundled_digits
 from probecore.backends import torch as probe_torch
-from probecore.bundled import DEMO_DATA
 from probecore.render import sweep_figures
 
 DEPTH, WIDTH, SKIP_TO = 128, 128, 64
@@ -66,11 +65,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("pathological-mlp"))
     args = parser.parse_args()
     torch.manual_seed(0)
-    with np.load(DEMO_DATA) as archive:
-        x_train = torch.from_numpy(archive["x_train"].astype(np.float32) / 255)
-        y_train = torch.from_numpy(archive["y_train"])
-    dataset = probecore.load_dataset(DEMO_DATA)
-    dataset.train.x, dataset.valid.x, dataset.test.x = (s.x.astype(np.float32) / 255 for s in dataset.splits().values())
+    dataset, x_train, y_train = bundled_digits()
     layers = ["pixels", *(f"layers.{i}" for i in range(DEPTH))]
     fit = probecore.FitOptions(l2=(1e-2, 1e-3, 1e-4))
     tracker = probecore.ProbeTracker(dataset, layers=[f"name:{name}" for name in layers], fit=fit)

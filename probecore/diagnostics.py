@@ -56,21 +56,14 @@ def diagnose(
 
 def _overfit(names, metrics, options: DiagnosticOptions) -> list[Finding]:
     """Probes whose valid error exceeds their train error by more than the gap; consecutive ones together."""
-    runs: list[list[int]] = []
-    for index, m in enumerate(metrics):
-        if m["valid"].error_interval[0] - m["train"].error > options.overfit_gap:
-            if runs and runs[-1][-1] == index - 1:
-                runs[-1].append(index)
-            else:
-                runs.append([index])
+    flagged = [(i, None) for i, m in enumerate(metrics) if m["valid"].error_interval[0] - m["train"].error > options.overfit_gap]
     findings = []
-    for run in runs:
+    for _, run in _runs(flagged):
         worst = max(run, key=lambda i: metrics[i]["valid"].error - metrics[i]["train"].error)
         train, valid = metrics[worst]["train"].error, metrics[worst]["valid"].error
-        span = names[run[0]] if len(run) == 1 else f"{names[run[0]]} .. {names[run[-1]]} ({len(run)} layers)"
         findings.append(Finding("overfit", tuple(names[i] for i in run), (
-            f"{span}: the probe overfits (at worst {names[worst]}: train error {_pct(train)}, valid {_pct(valid)}); "
-            "a stronger L2 (--l2) or fewer features (--max-features) may read the layer more faithfully"
+            f"{_span(names, run)}: the probe overfits (at worst {names[worst]}: train error {_pct(train)}, valid "
+            f"{_pct(valid)}); a stronger L2 (--l2) or fewer features (--max-features) may read the layer more faithfully"
         )))  # fmt: skip
     return findings
 
@@ -78,22 +71,17 @@ def _overfit(names, metrics, options: DiagnosticOptions) -> list[Finding]:
 def _non_monotonic(names, errors, intervals) -> list[Finding]:
     """Layers worse than an earlier one beyond both intervals; consecutive ones against the same earlier
     layer make one finding."""
-    groups: list[tuple[int, list[int]]] = []
+    flagged = []
     for later in range(1, len(names)):
         earlier = min(range(later), key=lambda i: intervals[i][1])  # the earlier layer best beyond doubt
-        if intervals[later][0] <= intervals[earlier][1]:
-            continue
-        if groups and groups[-1][0] == earlier and groups[-1][1][-1] == later - 1:
-            groups[-1][1].append(later)
-        else:
-            groups.append((earlier, [later]))
+        if intervals[later][0] > intervals[earlier][1]:
+            flagged.append((later, earlier))
     findings = []
-    for earlier, worse in groups:
-        span = names[worse[0]] if len(worse) == 1 else f"{names[worse[0]]} .. {names[worse[-1]]} ({len(worse)} layers)"
+    for earlier, worse in _runs(flagged):
         findings.append(Finding("non_monotonic", (names[earlier], *(names[i] for i in worse)), (
-            f"{span} read{'s' if len(worse) == 1 else ''} the labels worse than the earlier {names[earlier]} beyond "
-            f"both 95% intervals (test error up to {_pct(max(errors[i] for i in worse))} against "
-            f"{_pct(errors[earlier])}): information lost with depth"
+            f"{_span(names, worse)} read{'s' if len(worse) == 1 else ''} the labels worse than the earlier "
+            f"{names[earlier]} beyond both 95% intervals (test error up to {_pct(max(errors[i] for i in worse))} "
+            f"against {_pct(errors[earlier])}): information lost with depth"
         )))  # fmt: skip
     return findings
 
@@ -112,9 +100,9 @@ def _dead_segments(names, errors, intervals, options: DiagnosticOptions) -> list
             lowest_in_run = min(intervals[i][0] for i in run)
             later_better = [i for i in range(end, len(names)) if intervals[i][1] < lowest_in_run]
             if later_better:
-                first, last, rescue = names[run[0]], names[run[-1]], later_better[0]
+                rescue = later_better[0]
                 findings.append(Finding("dead_segment", tuple(names[i] for i in run), (
-                    f"{first} .. {last} ({len(run)} layers): the probe error does not improve on "
+                    f"{_span(names, run)}: the probe error does not improve on "
                     f"{names[errors.index(best)]}'s {_pct(best)} along them, while {names[rescue]} reaches "
                     f"{_pct(errors[rescue])}; training may be leaving these layers unused (paper, section 5.1)"
                 )))  # fmt: skip
@@ -140,6 +128,22 @@ def activation_findings(names: Sequence[str], stats: Sequence[dict | None]) -> l
                 "ReLUs that never fire); its probe can only predict the most frequent class"
             )))  # fmt: skip
     return findings
+
+
+def _runs(flagged: Sequence[tuple[int, object]]) -> list[tuple[object, list[int]]]:
+    """Flagged (layer index, key) pairs in order, grouped into runs of consecutive layers with one key."""
+    runs: list[tuple[object, list[int]]] = []
+    for index, key in flagged:
+        if runs and runs[-1][0] == key and runs[-1][1][-1] == index - 1:
+            runs[-1][1].append(index)
+        else:
+            runs.append((key, [index]))
+    return runs
+
+
+def _span(names: Sequence[str], run: Sequence[int]) -> str:
+    """``a`` for one layer, ``a .. c (3 layers)`` for a run."""
+    return names[run[0]] if len(run) == 1 else f"{names[run[0]]} .. {names[run[-1]]} ({len(run)} layers)"
 
 
 def _pct(value: float) -> str:

@@ -26,8 +26,7 @@ def report_html(report: ProbeReport, figures: dict[str, bytes] | None = None, ti
     """The whole report as one HTML page; ``figures`` (caption -> PNG bytes) are embedded as data URLs."""
     parts = [f"<h1>{escape(title)}</h1>", _summary(report), "<h2>Probed layers, in model order</h2>", chain_svg(report)]
     findings = report.diagnostics
-    parts.append("<h2>Diagnostics</h2>")
-    parts.extend(f'<div class="note"><b>{escape(f.kind.replace("_", " "))}</b>: {escape(f.message)}</div>' for f in findings)
+    parts += ["<h2>Diagnostics</h2>", _notes(findings)]
     if not findings:
         parts.append('<p class="muted">No step back in depth, dead segment or overfitting probe.</p>')
     for caption, png in (figures or {}).items():
@@ -80,6 +79,10 @@ def chain_svg(report: ProbeReport) -> str:
     legend = (f'<p class="muted">Fill: test error, green = {100 * low:.1f}% (lowest here) to red = '
               f"{100 * high:.1f}% (highest).</p>")  # fmt: skip
     return f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}">{marker}{"".join(shapes)}</svg>{legend}'
+
+
+def _notes(findings) -> str:
+    return "".join(f'<div class="note"><b>{escape(f.kind.replace("_", " "))}</b>: {escape(f.message)}</div>' for f in findings)
 
 
 def _color(share: float) -> str:
@@ -139,7 +142,7 @@ def sweep_html(sweep, heatmap_png: bytes, last_png: bytes, title: str = "probeco
         f"<h2>Test error grid</h2><table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>",
         f"<h2>Last checkpoint: {escape(sweep.checkpoints[-1])}</h2>",
         chain_svg(last),
-        *(f'<div class="note"><b>{escape(f.kind.replace("_", " "))}</b>: {escape(f.message)}</div>' for f in last.diagnostics),
+        _notes(last.diagnostics),
         image_tag(last_png, "probe error by layer, last checkpoint"),
         _table(last),
     ]

@@ -16,7 +16,7 @@ import pytest
 from onnx import TensorProto, helper
 from onnx_models import mlp_weights, save_mlp, save_model
 from PIL import Image
-from test_cli import demo_arrays, invoke, small_npz  # noqa: F401  (demo_arrays: a fixture)
+from test_cli import invoke, small_npz
 
 from probecore.bundled import DEMO_MODEL
 
@@ -160,7 +160,7 @@ MATRIX = [
 
 
 @pytest.mark.parametrize("make_case, says", MATRIX, ids=[make.__name__ for make, _ in MATRIX])
-def test_a_mistake_gives_one_line_exit_1_and_leaves_nothing(tmp_path, demo_arrays, make_case, says):  # noqa: F811
+def test_a_mistake_gives_one_line_exit_1_and_leaves_nothing(tmp_path, demo_arrays, make_case, says):
     model, data, extra = make_case(tmp_path, demo_arrays)
     out, cache = tmp_path / "results", tmp_path / "cache"
     result = invoke("run", model, "--data", data, "--out", out, "--cache-dir", cache, *extra)
@@ -193,7 +193,7 @@ def test_usage_errors_keep_typers_exit_code_2(tmp_path):
     assert result.exit_code == 2
 
 
-def test_a_full_disk_mid_extraction_is_one_line_and_removes_the_partial_entry(tmp_path, demo_arrays, monkeypatch):  # noqa: F811
+def test_a_full_disk_mid_extraction_is_one_line_and_removes_the_partial_entry(tmp_path, demo_arrays, monkeypatch):
     data = small_npz(tmp_path / "d.npz", demo_arrays)
     out, cache = tmp_path / "results", tmp_path / "cache"
     real_pwrite, calls = os.pwrite, []

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from probecore.bundled import DEMO_DATA, DEMO_MODEL
+from probecore.bundled import DEMO_MODEL
 from probecore.cli.app import app
 
 runner = CliRunner()
@@ -17,12 +17,6 @@ runner = CliRunner()
 
 def invoke(*args, env=None):
     return runner.invoke(app, [str(arg) for arg in args], env=env)
-
-
-@pytest.fixture(scope="module")
-def demo_arrays():
-    with np.load(DEMO_DATA) as archive:
-        return {key: archive[key] for key in archive.files}
 
 
 def small_npz(path, arrays, **changes):

@@ -3,8 +3,6 @@ a monotonic report and noise-level wiggles are not."""
 
 import json
 
-import pytest
-
 from probecore.diagnostics import DiagnosticOptions, diagnose
 from probecore.report import LayerResult, ProbeReport
 from probecore.softmax import SplitMetrics
@@ -72,8 +70,8 @@ def test_an_overfitting_probe_is_flagged():
     assert several[0].message.startswith("a .. b (2 layers): the probe overfits")
 
 
-@pytest.fixture
-def report():
+def planted_report() -> ProbeReport:
+    """Five layers, the middle three a dead segment (also used by test_sweep.py)."""
     layers = [
         LayerResult(f"layer{i}", "Relu", (4,), {"features_in": 4, "features_out": 4, "description": "none"},
                     metrics(error), 10, "converged", 0.1, 1e-3, [], None)
@@ -82,8 +80,8 @@ def report():
     return ProbeReport(layers, [0, 1], {"train": 4000, "valid": 1000, "test": 1000})
 
 
-def test_reports_carry_their_diagnostics_and_read_back_from_json(report):
-    data = json.loads(report.to_json())
+def test_reports_carry_their_diagnostics_and_read_back_from_json():
+    data = json.loads(planted_report().to_json())
     assert [d["kind"] for d in data["diagnostics"]] == ["dead_segment"]
     assert data["diagnostics"][0]["layers"] == ["layer1", "layer2", "layer3"]
     again = ProbeReport.from_dict(data)

@@ -8,8 +8,8 @@ import numpy as np
 import onnx
 import pytest
 from onnx import numpy_helper
-from test_cli import demo_arrays, invoke, small_npz  # noqa: F401  (demo_arrays: a fixture)
-from test_diagnostics import report  # noqa: F401  (a planted dead segment)
+from test_cli import invoke, small_npz
+from test_diagnostics import planted_report
 
 import probecore
 from probecore.bundled import DEMO_MODEL
@@ -40,8 +40,8 @@ def test_the_grid_holds_each_checkpoint_probe_errors_in_order(rng):
     sweep = tracker.sweep
     assert sweep.checkpoints == ["step0", "step1", "step2"] and sweep.layers == ["early", "late"]
     grid = sweep.grid()
-    for column, report in enumerate(sweep.reports):
-        assert [layer.metrics["test"].error for layer in report.layers] == list(grid[:, column])
+    for column, checkpoint in enumerate(sweep.reports):
+        assert [layer.metrics["test"].error for layer in checkpoint.layers] == list(grid[:, column])
     assert grid[1, 0] > 0.5 and grid[1, 2] < 0.1  # `late` reads the labels only once trained
     written = json.loads(json.dumps(sweep.to_dict()))
     assert json.loads(json.dumps(probecore.SweepReport.from_dict(written).to_dict())) == written
@@ -49,7 +49,8 @@ def test_the_grid_holds_each_checkpoint_probe_errors_in_order(rng):
     assert probecore.run_sweep(sources, dataset).to_dict()["test_error"] == sweep.to_dict()["test_error"]
 
 
-def test_figures_are_pngs_and_the_html_draws_each_layer_colored(report):  # noqa: F811
+def test_figures_are_pngs_and_the_html_draws_each_layer_colored():
+    report = planted_report()
     files = report_figures(report)
     assert files["errors.png"].startswith(PNG)
     html = files["report.html"]
@@ -60,7 +61,8 @@ def test_figures_are_pngs_and_the_html_draws_each_layer_colored(report):  # noqa
     assert all(f"<td>{layer.name}</td>" in html for layer in report.layers)
 
 
-def test_html_escapes_layer_names(report):  # noqa: F811
+def test_html_escapes_layer_names():
+    report = planted_report()
     report.layers[0].name = "<b>layer</b>"
     assert "<b>layer</b>" not in report_html(report) and "&lt;b&gt;layer&lt;/b&gt;" in report_html(report)
 
