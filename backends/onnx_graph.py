@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +17,7 @@ from onnx import TensorProto, helper
 from probecore.errors import ModelError
 from probecore.source import LayerInfo
 
-from . import onnx_reduce
+from . import onnx_activations, onnx_reduce
 
 ACTIVATION_OPS = {
     "Relu", "LeakyRelu", "PRelu", "Elu", "Selu", "Celu", "Sigmoid", "Tanh", "Gelu", "Softplus", "Softsign",
@@ -39,46 +40,138 @@ def load_outline(path: str | Path) -> onnx.ModelProto:
     """Read and check an ONNX file; return it shape-inferred, without the data of its larger weights.
 
     Everything probecore learns from a model (its input, tensors, shapes) is in this outline, which stays small
-    however large the weights: they are read again from the file only to build an onnxruntime session
+    however large the weights: onnxruntime reads them from the files itself when a session is built
     (``read_model``). Raises ``ModelError`` saying what is wrong with the file."""
     path = Path(path)
-    model = read_model(path)
-    outline = onnx.ModelProto()
-    for initializer in model.graph.initializer:
+    outline = read_model(path)
+    for initializer in outline.graph.initializer:
         if initializer.ByteSize() > OUTLINE_DATA_BYTES:  # keep name, type and dims; shape inference needs no more
             for field in ("raw_data", "float_data", "int32_data", "int64_data", "double_data", "uint64_data"):
                 initializer.ClearField(field)
-    outline.CopyFrom(model)
-    del model  # a parsed model's memory is freed only as a whole
+    if outline.ir_version > onnx.IR_VERSION:
+        raise ModelError(_too_new(path, f"ONNX IR version {outline.ir_version}", f"onnx {onnx.__version__}",
+                                  f"IR up to {onnx.IR_VERSION}"))  # fmt: skip
     try:  # from the file, so that the weights are checked too, one tensor at a time
         onnx.checker.check_model(str(path))
     except Exception as exc:
         raise ModelError(f"{path} is not a valid ONNX model: {first_line(exc)}; re-export it") from None
+    return infer_shapes(outline)
+
+
+def infer_shapes(outline: onnx.ModelProto) -> onnx.ModelProto:
+    """``outline`` with every tensor's type and shape that ONNX's shape inference (with data propagation,
+    for shapes computed in the graph) can tell; as it is where inference fails."""
     try:
         return onnx.shape_inference.infer_shapes(outline, data_prop=True)
     except Exception:
-        return outline  # shapes are then learned from the first batch
+        return outline  # shapes are then measured on one sample
 
 
 def read_model(path: str | Path) -> onnx.ModelProto:
-    """Parse an ONNX file (weights included) without checking it, or raise ``ModelError``."""
+    """Parse an ONNX file without checking it or reading its external weights (onnxruntime reads those
+    itself), after making sure every external data file it names is there; or raise ``ModelError``."""
     path = Path(path)
     if not path.is_file():
         raise ModelError(f"model file not found: {path}; pass the path of an .onnx file")
     try:
-        model = onnx.load(str(path))
+        model = onnx.load(str(path), load_external_data=False)
     except Exception:
         model = None
     if model is None or not model.graph.node:
         raise ModelError(
             f"{path} is not an ONNX model (it does not parse as one); export it with torch.onnx.export or tf2onnx"
         )
+    _check_external_data(model, path)
     return model
+
+
+def external_data_files(model: onnx.ModelProto, path: str | Path) -> list[Path]:
+    """The files holding ``model``'s external weights (torch's exporter writes ``model.onnx.data`` by
+    default), which sit beside the .onnx file ``path``; in the order first named."""
+    base = Path(path).parent
+    locations = (_external_info(tensor).get("location") for tensor in _tensors(model.graph))
+    return [base / location for location in dict.fromkeys(filter(None, locations))]
+
+
+def model_sha256(path: str | Path, external: list[Path]) -> str:
+    """What identifies a model: its file's sha256, or, where its weights are kept in external data files,
+    a sha256 over the hashes of all its files, so that new weights under the same .onnx are a new model."""
+    if not external:
+        return file_sha256(path)
+    digest = hashlib.sha256()
+    for file in [Path(path), *external]:
+        digest.update(f"{file.name}:{file_sha256(file)}\n".encode())
+    return digest.hexdigest()
 
 
 def file_sha256(path: str | Path) -> str:
     with open(path, "rb") as stream:
         return hashlib.file_digest(stream, "sha256").hexdigest()
+
+
+def _check_external_data(model: onnx.ModelProto, path: Path) -> None:
+    """Raise ``ModelError`` naming an external data file that is missing, or shorter than a tensor needs."""
+    needed: dict[str, int] = {}
+    for tensor in _tensors(model.graph):
+        info = _external_info(tensor)
+        if "location" in info:
+            end = int(info.get("offset", 0)) + int(info.get("length", 0))
+            needed[info["location"]] = max(needed.get(info["location"], 0), end)
+    for location, end in needed.items():
+        file = path.parent / location
+        if not file.is_file():
+            raise ModelError(
+                f"{path.name} keeps its weights in {location}, which is missing: looked for {file}; "
+                f"put that file beside {path.name} (or re-export the model with its weights inside)"
+            )
+        if file.stat().st_size < end:
+            raise ModelError(
+                f"{file} is shorter than {path.name} expects ({file.stat().st_size} bytes, weights up to byte {end}); "
+                "copy it again whole, or re-export the model"
+            )
+
+
+def _external_info(tensor: onnx.TensorProto) -> dict[str, str]:
+    if tensor.data_location != onnx.TensorProto.EXTERNAL:
+        return {}
+    return {entry.key: entry.value for entry in tensor.external_data}
+
+
+def _tensors(graph: onnx.GraphProto):
+    """Every tensor stored in ``graph``: initializers, and constants held by node attributes, subgraphs included."""
+    yield from graph.initializer
+    for node in graph.node:
+        for attribute in node.attribute:
+            if attribute.HasField("t"):
+                yield attribute.t
+            yield from attribute.tensors
+            if attribute.HasField("g"):
+                yield from _tensors(attribute.g)
+            for subgraph in attribute.graphs:
+                yield from _tensors(subgraph)
+
+
+def too_new_for_onnxruntime(path: str | Path, message: str) -> str | None:
+    """The one-line fix when onnxruntime refused a model for its IR version or opset (``message`` is
+    onnxruntime's error), else None."""
+    import onnxruntime
+
+    runtime = f"onnxruntime {onnxruntime.__version__}"
+    ir = re.search(r"Unsupported model IR version: (\d+), max supported IR version: (\d+)", message)
+    if ir:
+        return _too_new(path, f"ONNX IR version {ir[1]}", runtime, f"IR up to {ir[2]}")
+    opset = re.search(r"Opset (\d+) is under development.*?till opset (\d+)", message, re.S)
+    if opset:
+        return _too_new(path, f"opset {opset[1]}", runtime, f"opsets up to {opset[2]}")
+    return None
+
+
+def _too_new(path, what: str, installed: str, supported: str) -> str:
+    return (
+        f"{Path(path).name} uses {what}, newer than the installed {installed} reads ({supported}); upgrade it "
+        "(pip install -U onnx onnxruntime-gpu, or onnxruntime where there is no GPU build), or re-export the model "
+        "with an older opset (e.g. torch.onnx.export(..., opset_version=18))"
+    )
 
 
 def typed_values(model: onnx.ModelProto) -> dict[str, onnx.ValueInfoProto]:
@@ -102,6 +195,32 @@ def model_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
     if not inputs:
         raise ModelError("the model has no inputs; export it with the input it is fed")
     return inputs
+
+
+def free_dims(value: onnx.ValueInfoProto) -> list[int]:
+    """Positions of the per-sample dimensions (batch axis excluded) that the model leaves open."""
+    dims = tensor_dims(value) or ()
+    return [axis for axis, dim in enumerate(dims) if axis > 0 and not (isinstance(dim, int) and dim > 0)]
+
+
+def set_input_dims(model: onnx.ModelProto, sample_shapes: dict[str, tuple[int, ...]]) -> None:
+    """Give ``model``'s inputs these per-sample dimensions (the batch axis stays as it is), in place."""
+    for value in model.graph.input:
+        if value.name in sample_shapes:
+            dims = value.type.tensor_type.shape.dim
+            for dim, size in zip(list(dims)[1:], sample_shapes[value.name]):
+                dim.Clear()
+                dim.dim_value = int(size)
+
+
+def with_input_dims(outline: onnx.ModelProto, sample_shapes: dict[str, tuple[int, ...]]) -> onnx.ModelProto:
+    """A copy of ``outline`` with its inputs' free dimensions fixed and every shape inferred again from them:
+    what a model exported with dynamic axes (``[N, 3, H, W]``) becomes for one data set."""
+    fixed = onnx.ModelProto()
+    fixed.CopyFrom(outline)
+    set_input_dims(fixed, sample_shapes)
+    del fixed.graph.value_info[:]  # shapes inferred (or written by the exporter) for the open dimensions
+    return infer_shapes(fixed)
 
 
 def adapter_layers(model: onnx.ModelProto) -> dict:
@@ -136,10 +255,14 @@ def numpy_dtype(value: onnx.ValueInfoProto) -> np.dtype:
 
 
 def candidate_layers(model: onnx.ModelProto) -> list[LayerInfo]:
-    """Every float tensor with the input's batch axis, in graph order, marking the ones a person calls layers.
+    """The numeric inputs and every float tensor with the input's batch axis, in graph order, marking the ones a
+    person calls layers.
 
-    Default picks: the input, activation and pooling outputs, residual additions (``Add`` of two computed
-    tensors), swish (``x * sigmoid(x)``), and the model's outputs.
+    Default picks: the input (float, or images of any dtype), activation and pooling outputs, residual
+    additions (``Add`` of two computed tensors) and the model's outputs. An activation that the exporter wrote
+    out of elementary ops (hard-swish as ``Div(Mul(x, Clip(x + 3, 0, 6)), 6)``, GELU with Erf, swish, Mish:
+    ``onnx_activations``) is one layer, its output, listed under the activation's name; the tensors inside
+    it are not default picks.
     Tensors that a framework adapter named (``adapter_layers``) carry the module's or layer's kind and axes
     instead, and the adapter says which of them are default picks, and whether unnamed tensors may be.
     """
@@ -149,23 +272,23 @@ def candidate_layers(model: onnx.ModelProto) -> list[LayerInfo]:
     named = adapter_layers(model)
     named_layers, others_default = named.get("layers", {}), named.get("others_default", True)
     typed = {value.name: value for value in [*graph.value_info, *graph.output]}
-    constants = {init.name for init in graph.initializer}
-    constants |= {out for node in graph.node if node.op_type == "Constant" for out in node.output}
-    producer = {out: node for node in graph.node for out in node.output}
+    constants = onnx_activations.constant_tensors(graph)
+    composite, inside_composite = onnx_activations.composite_activations(graph)
     outputs = {value.name for value in graph.output}
 
     layers = []
-    for source in inputs:
-        input_dims = tensor_dims(source)
-        if numpy_dtype(source).kind == "f" and input_dims and len(input_dims) >= 2:
-            layers.append(LayerInfo(source.name, "Input", _sample_shape(input_dims), default=True))
+    for source in inputs:  # numeric inputs are layers too: the raw-input baseline
+        input_dims, kind = tensor_dims(source), numpy_dtype(source).kind
+        if kind in "iuf" and input_dims and len(input_dims) >= 2:
+            default = kind == "f" or len(input_dims) >= 4  # images of any dtype; not token ids or masks
+            layers.append(LayerInfo(source.name, "Input", _sample_shape(input_dims), default=default))
     for node in graph.node:
         for name in node.output:
             if not name or name in constants:
                 continue
             value = typed.get(name)
             if value is None:
-                if node.op_type not in LAYER_OPS:
+                if node.op_type not in LAYER_OPS and name not in composite:
                     continue
                 shape = None
             else:
@@ -177,8 +300,9 @@ def candidate_layers(model: onnx.ModelProto) -> list[LayerInfo]:
                 shape = _sample_shape(dims)
             info = named_layers.get(name, {})
             default = name in outputs or bool(info.get("default"))
-            default = default or others_default and _looks_like_layer(node, constants, producer)
-            op_type, layout = info.get("kind") or node.op_type, info.get("layout")
+            looks_like_layer = name in composite or name not in inside_composite and _looks_like_layer(node, constants)
+            default = default or others_default and looks_like_layer
+            op_type, layout = info.get("kind") or composite.get(name) or node.op_type, info.get("layout")
             layers.append(LayerInfo(name, op_type, shape, default=default, is_output=name in outputs, layout=layout))
     return layers
 
@@ -256,18 +380,11 @@ def _outer_names(node: onnx.NodeProto) -> list[str]:
     return names
 
 
-def _looks_like_layer(node: onnx.NodeProto, constants: set[str], producer: dict) -> bool:
+def _looks_like_layer(node: onnx.NodeProto, constants: set[str]) -> bool:
+    """Activation and pooling ops, and residual additions (an ``Add`` of a constant is a bias, not a residual)."""
     if node.op_type in ACTIVATION_OPS or node.op_type in POOL_OPS:
         return True
-    if node.op_type == "Add":
-        return len(node.input) == 2 and not any(name in constants for name in node.input)
-    if node.op_type == "Mul" and len(node.input) == 2:
-        first, second = node.input
-        for gate, other in ((first, second), (second, first)):
-            gate_node = producer.get(gate)
-            if gate_node is not None and gate_node.op_type == "Sigmoid" and gate_node.input[0] == other:
-                return True
-    return False
+    return node.op_type == "Add" and len(node.input) == 2 and not any(name in constants for name in node.input)
 
 
 def _is_batch_dim(dim, batch_dim) -> bool:

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from probecore.errors import DataError, ModelError
+from probecore.feature_cache import canonical_json
 from probecore.reduction import Reduction
 from probecore.source import LayerInfo
 
@@ -32,23 +33,30 @@ class OnnxSource:
             raise ModelError(f"device must be one of {', '.join(DEVICES)}, got {device!r}")
         self.path = Path(path)
         self.device = device
-        # The model is checked and shape-inferred once, then let go: only what describes it is kept, and its
-        # weights are read again from the file when a session is built (memory: benchmarks/README.md).
-        model = onnx_graph.load_outline(self.path)
-        self.model_sha256 = onnx_graph.file_sha256(self.path)
-        self._inputs = onnx_graph.model_inputs(model)
-        self._input_dtypes = {value.name: onnx_graph.numpy_dtype(value) for value in self._inputs}
-        self._input = self._inputs[0]
-        self._input_dims = onnx_graph.tensor_dims(self._input)
-        self._layers = onnx_graph.candidate_layers(model)
-        self._typed = onnx_graph.typed_values(model)
-        self.reduce_in_graph = reduce_in_graph and onnx_reduce.default_opset(model) >= onnx_reduce.MIN_OPSET
-        del model
+        # The model is checked and shape-inferred once; only its outline is kept (the graph without the data of
+        # its weights), and onnxruntime reads the weights from the files when a session is built
+        # (memory: benchmarks/README.md).
+        self._outline = onnx_graph.load_outline(self.path)
+        self.external_data = onnx_graph.external_data_files(self._outline, self.path)
+        self.model_sha256 = onnx_graph.model_sha256(self.path, self.external_data)
+        self._given_inputs = onnx_graph.model_inputs(self._outline)  # as the file has them, open dimensions and all
+        self.reduce_in_graph = reduce_in_graph and onnx_reduce.default_opset(self._outline) >= onnx_reduce.MIN_OPSET
+        self._input_shapes: dict[str, tuple[int, ...]] = {}  # open input dimensions, as fixed from the data
+        self._describe(self._outline)
         self.mask_input = _mask_input(self._inputs)
         self._session = None
         self._session_key = None
         self.provider: str | None = None
         self.bytes_fetched = 0  # bytes copied out of onnxruntime, to show what in-graph reduction saves
+
+    def _describe(self, outline) -> None:
+        """Learn the inputs, tensors and shapes that ``outline`` (shape-inferred) says the model has."""
+        self._inputs = onnx_graph.model_inputs(outline)
+        self._input_dtypes = {value.name: onnx_graph.numpy_dtype(value) for value in self._inputs}
+        self._input = self._inputs[0]
+        self._input_dims = onnx_graph.tensor_dims(self._input)
+        self._layers = onnx_graph.candidate_layers(outline)
+        self._typed = onnx_graph.typed_values(outline)
 
     @property
     def input_name(self) -> str:
@@ -71,25 +79,38 @@ class OnnxSource:
         """Check dtype and per-sample shape. Inputs come back as given: each batch is cast to the model's
         input type as it is fed, so uint8 images are never held whole as float32, and lazy inputs (an image
         folder) are checked without loading them. A model with several inputs (a transformer's token ids and
-        attention mask) takes a structured array with one field per input, named as the inputs."""
+        attention mask) takes a structured array with one field per input, named as the inputs.
+
+        Dimensions the model leaves open (``[N, 3, H, W]``) are fixed to the data's, and every tensor's shape
+        is inferred again from them: layers are then planned, reduced in the graph and cached as for a model
+        exported with those sizes. Every split of a data set must share one shape."""
         lazy = not isinstance(x, np.ndarray) and hasattr(x, "shape") and hasattr(x, "dtype")
         if not lazy:
             x = np.asarray(x)
-        if len(self._inputs) == 1:
-            _check_input(x, self._input, lazy)
-            return x
-        names = self.input_names
-        missing = [name for name in names if name not in (x.dtype.names or ())]
-        if missing:
-            example = ", ".join(f"{name}=..." for name in names)
-            raise DataError(
-                f"the model has {len(names)} inputs ({', '.join(names)}) and the data has no field for "
-                f"{', '.join(missing)}; pass x as a structured array with one field per input: "
-                f"probecore.pack_inputs({example})"
-            )
-        for value in self._inputs:
-            _check_input(x[value.name], value, lazy)
+        if len(self._given_inputs) == 1:
+            fields = {self._given_inputs[0].name: x}
+        else:
+            names = [value.name for value in self._given_inputs]
+            missing = [name for name in names if name not in (x.dtype.names or ())]
+            if missing:
+                example = ", ".join(f"{name}=..." for name in names)
+                raise DataError(
+                    f"the model has {len(names)} inputs ({', '.join(names)}) and the data has no field for "
+                    f"{', '.join(missing)}; pass x as a structured array with one field per input: "
+                    f"probecore.pack_inputs({example})"
+                )
+            fields = {name: x[name] for name in names}
+        for value in self._given_inputs:
+            _check_input(fields[value.name], value, lazy)
+        self._fix_input_shapes(
+            {value.name: tuple(fields[value.name].shape[1:]) for value in self._given_inputs if onnx_graph.free_dims(value)}
+        )
         return x
+
+    def _fix_input_shapes(self, shapes: dict[str, tuple[int, ...]]) -> None:
+        if shapes != self._input_shapes:
+            self._input_shapes = shapes
+            self._describe(onnx_graph.with_input_dims(self._outline, shapes) if shapes else self._outline)
 
     def activations(self, x: np.ndarray, layer_names: Sequence[str], batch_size: int) -> Iterator[dict[str, np.ndarray]]:
         return self._run(x, list(layer_names), {}, batch_size, spin=False)  # the host reduces between runs
@@ -114,7 +135,7 @@ class OnnxSource:
         inputs = self.input_names
         computed = [name for name in names if name not in inputs]
         fetched = computed + [onnx_reduce.reduced_name(name) for name in reductions]
-        session = self._session_for(computed, reductions, spin)
+        session = self._session_for(computed, reductions, spin) if fetched else None  # inputs alone need no model
         fixed_batch = self._input_dims[0] if self._input_dims and isinstance(self._input_dims[0], int) else 0
         step = fixed_batch if fixed_batch > 0 else batch_size
         for start in range(0, len(x), step):
@@ -146,6 +167,8 @@ class OnnxSource:
         return {
             "model": str(self.path),
             "model_sha256": self.model_sha256,
+            "external_data": [file.name for file in self.external_data],
+            "input_shapes_from_data": {name: list(shape) for name, shape in self._input_shapes.items()},
             "input": ",".join(self.input_names),
             "mask_input": self.mask_input,
             "device": self.device,
@@ -155,16 +178,21 @@ class OnnxSource:
         }
 
     def _session_for(self, outputs: list[str], reductions: Mapping[str, Reduction], spin: bool):
-        reduction_keys = tuple((name, r.describe(), r.sample_shape) for name, r in sorted(reductions.items()))
-        key = (tuple(sorted(outputs)), reduction_keys, spin)
+        reduction_keys = {name: reduction.key() for name, reduction in reductions.items()}
+        key = canonical_json([sorted(outputs), reduction_keys, spin, self._input_shapes])
         if self._session is None or self._session_key != key:
             self._session = None  # free the old session before building the next one
             model = onnx_graph.read_model(self.path)
-            if onnx_graph.file_sha256(self.path) != self.model_sha256:
+            if onnx_graph.model_sha256(self.path, self.external_data) != self.model_sha256:
                 raise ModelError(f"{self.path} changed while it was being probed; rerun once it is written")
+            onnx_graph.set_input_dims(model, self._input_shapes)
             exposed = onnx_graph.with_outputs(model, outputs, dict(reductions), self._typed)
             del model  # onnxruntime parses its own copy: hold one at a time
-            self._session, self.provider = create_session(exposed, self.device, spin)
+            weights_dir = self.path.parent if self.external_data else None
+            try:
+                self._session, self.provider = create_session(exposed, self.device, spin, weights_dir)
+            except ModelError as exc:
+                raise ModelError(onnx_graph.too_new_for_onnxruntime(self.path, str(exc)) or str(exc)) from None
             self._session_key = key
         return self._session
 
@@ -201,12 +229,13 @@ def _mask_input(inputs) -> str | None:
     return masks[0] if len(masks) == 1 else None
 
 
-def create_session(model_bytes: bytes, device: str = "auto", spin: bool = True):
+def create_session(model_bytes: bytes, device: str = "auto", spin: bool = True, weights_dir: Path | None = None):
     """An onnxruntime session on CUDA when asked for (or ``auto``) and it really works, else on the CPU.
 
     ``spin=False`` stops idle onnxruntime threads from spinning between runs, which otherwise starves host work
     done between batches (the numba reductions); memory patterns are off, since with probed tensors exposed
-    they held a second copy of every block output (benchmarks/README.md)."""
+    they held a second copy of every block output (benchmarks/README.md). ``weights_dir``: where the model's
+    external data files are (the .onnx file's folder), for a model that keeps its weights outside."""
     import onnxruntime as ort
 
     ort.set_default_logger_severity(4)  # a missing CUDA library is expected, not worth a screen of errors
@@ -214,6 +243,8 @@ def create_session(model_bytes: bytes, device: str = "auto", spin: bool = True):
     options.log_severity_level = 4
     options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
     options.enable_mem_pattern = False
+    if weights_dir is not None:
+        options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(weights_dir))
     if device in ("auto", "cuda") and CUDA in ort.get_available_providers():
         _preload_cuda_libraries(ort)
         try:

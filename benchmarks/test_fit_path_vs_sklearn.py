@@ -8,7 +8,8 @@ validation split) and picks the strength with the lowest validation loss. The ba
 run without probecore, given that strength: ``StandardScaler`` + ``LogisticRegression(solver="lbfgs",
 C=1/(l2*n_train), tol=SKLEARN_TOL, max_iter=10000)``, run to convergence. With C = 1 / (l2 * n_train)
 scikit-learn minimises exactly probecore's objective, mean cross-entropy + ``l2/2 ||W||^2`` on standardized
-features (bias unpenalized), for more than two classes; both objectives are recorded per layer, to show both
+features (bias unpenalized), for more than two classes (with two, scikit-learn fits one weight vector and
+C = 2 / (l2 * n_train) matches); both objectives are recorded per layer, to show both
 sides reached the same optimum. ``SKLEARN_TOL`` is 1e-6, not scikit-learn's default 1e-4: that bounds the
 largest gradient entry, which with 100 classes it reaches far from the optimum (C = 100, layer2.0, l2 = 1e-4:
 24 iterations and objective 0.0901 at 1e-4, against 104 iterations and 0.0885 at 1e-6; test error 0.7 points
@@ -165,5 +166,5 @@ def test_fit_path_vs_sklearn(n_classes, benchmark, record):
             f"{name} at l2={layer['l2']}: probecore test error {layer['probecore_error']}, "
             f"scikit-learn {layer['sklearn_error']}"
         )
-        if layer["probecore_stop"] == "converged":
+        if layer["probecore_stop"] in ("converged", "line_search_failed"):  # at the optimum float32 can tell
             assert layer["probecore_objective"] <= layer["sklearn_objective"] * (1 + OBJECTIVE_TOLERANCE), name

@@ -3,7 +3,8 @@
 Both minimise the same objective. probecore standardizes with the training mean and spread and minimises
 ``mean cross-entropy + l2 / 2 * ||W||^2`` (bias unpenalized); scikit-learn's ``LogisticRegression`` on
 ``StandardScaler``-ed features with ``C = 1 / (l2 * n_train)`` minimises exactly that too (it divides its
-summed loss by ``C * n_train``). Both sides are timed from raw features to a fitted model, standardization
+summed loss by ``C * n_train``) for three or more classes, the only ones here; with two classes scikit-learn
+fits one weight vector, and ``C = 2 / (l2 * n_train)`` matches. Both sides are timed from raw features to a fitted model, standardization
 included (probecore does it inside ``fit_probe``; the baseline is a ``StandardScaler`` +
 ``LogisticRegression`` pipeline).
 

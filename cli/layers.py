@@ -38,8 +38,9 @@ def layers_command(
         print(json.dumps(rows, indent=2))
         return
     table = Table(title=f"{'All probe-able tensors' if all_layers else 'Default layers'} of {Path(model).name}")
-    for column in ("layer", "op", "shape", "features", "default"):
-        table.add_column(column, justify="right" if column == "features" else "left")
+    # raw: before any reduction; `probe run` shows the "features used" after it
+    for column in ("layer", "op", "shape", "features (raw)", "default"):
+        table.add_column(column, justify="right" if column.startswith("features") else "left")
     for layer in shown:
         shape = "x".join("?" if d is None else str(d) for d in _shape(layer.shape) or ["?"])
         features = "?" if layer.n_features is None else str(layer.n_features)

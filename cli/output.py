@@ -12,8 +12,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColum
 from rich.table import Table
 from rich.text import Text
 
-from probecore.errors import ProbeError
-from probecore.report import ProbeReport
+from probecore.errors import Interrupted, ProbeError
+from probecore.report import MODEL_ERROR_NOTE, ProbeReport
 
 DEBUG_VARIABLE = "PROBECORE_DEBUG"
 # Piped output is read by people too (logs, CI): give tables room instead of rich's 80-column default.
@@ -31,11 +31,9 @@ def user_errors():
             raise
         error_console.print(f"error: {exc}", markup=False)
         raise typer.Exit(1) from None
-    except KeyboardInterrupt:
-        error_console.print(
-            "interrupted; no results were written (features already extracted stay in the cache for the next run)",
-            markup=False,
-        )
+    except KeyboardInterrupt as exc:
+        kept = f"; {exc}" if isinstance(exc, Interrupted) else ""  # where the features extracted so far are
+        error_console.print(f"interrupted; no results were written{kept}", markup=False)
         raise typer.Exit(130) from None
 
 
@@ -85,7 +83,8 @@ def report_table(report: ProbeReport) -> Table:
     has_top5 = any(layer.metrics["test"].top5_error is not None for layer in report.layers)
     has_control = any(layer.control is not None for layer in report.layers)
     table = Table(title="Linear probe per layer (tr/va/te: train/valid/test)", title_justify="left")
-    for column in ("layer", "op", "shape", "features", "reduction"):
+    # "features used": after the reduction (report.json's features_used); `probe layers` lists the raw count
+    for column in ("layer", "op", "shape", "features used", "reduction"):
         table.add_column(column, overflow="fold")
     table.add_column("l2", justify="right")
     table.add_column("loss tr/va/te", justify="right")
@@ -129,7 +128,8 @@ def print_summary(report: ProbeReport) -> None:
         hits = cache["splits_from_cache"]
         console.print(f"{hits} cached feature entr{'y' if hits == 1 else 'ies'} read from {cache['dir']}, without a forward pass")
     if report.model_test is not None:
-        console.print(f"model's own test error ({report.model_output}): {_percent(report.model_test.error)}%")
+        console.print(f"model's own error on the test split ({report.model_output}): {_percent(report.model_test.error)}% "
+                      f"({MODEL_ERROR_NOTE})")  # fmt: skip
     skipped = report.settings.get("images", {}).get("unreadable_skipped", [])
     if skipped:
         console.print(f"skipped {len(skipped)} unreadable image{'s' if len(skipped) > 1 else ''} (listed in report.json)")

@@ -12,6 +12,7 @@ from probecore.errors import DataError
 from probecore.feature_cache import FeatureCache
 from probecore.images import ImagePreprocessing
 from probecore.probe import FitOptions
+from probecore.report import check_writable
 from probecore.reduction import ReductionPolicy
 
 from .models import model_source
@@ -126,14 +127,27 @@ def image_preprocessing(source, size=None, resize=None, scale=1 / 255, mean=(0.0
         )
     channels_last = dims[1] not in (1, 3)
     channels = dims[3] if channels_last else dims[1]
-    height = dims[1] if channels_last else dims[2]
-    fixed = height if isinstance(height, int) and height > 0 else None
+    fixed = _image_size(source)
     if size is not None and fixed is not None and size != fixed:
         raise DataError(f"--image-size {size} does not fit model input {source.input_name!r}, which takes {fixed}")
     return ImagePreprocessing(
         size=size or fixed or 224, resize=resize, scale=scale, mean=mean, std=std, channels_last=channels_last,
         grayscale=channels == 1,
     )  # fmt: skip
+
+
+def _image_size(source) -> int | None:
+    """The image size the model's input fixes, or None where it takes any size."""
+    dims = source.input_dims
+    height = dims[1] if dims[1] not in (1, 3) else dims[2]
+    return height if isinstance(height, int) and height > 0 else None
+
+
+def image_size_note(source, size: int | None) -> str | None:
+    """The one line that says an open model input's image size came from a default, not from the model."""
+    if size is not None or _image_size(source) is not None:
+        return None
+    return f"model input {source.input_name!r} takes any image size: images are cropped to 224x224 (--image-size to change)"
 
 
 def parse_floats(text: str, option: str) -> tuple[float, ...]:
@@ -157,8 +171,12 @@ def probe_and_write(
     layers_per_pass: int | None = None, control_task: bool = False, quiet: bool = False, as_json: bool = False,
 ) -> None:  # fmt: skip
     """Load, probe, write the results, then show them; nothing is written unless everything succeeded."""
+    check_writable(out)
     with model_source(model, device) as source:
         preprocessing = image_preprocessing(source, **(images or {})) if data.is_dir() else None
+        note = image_size_note(source, (images or {}).get("size")) if preprocessing is not None else None
+        if note and not (quiet or as_json):
+            console.print(note, highlight=False)
         dataset = probecore.load_dataset(data, *fractions, seed=seed, preprocessing=preprocessing)
         entries = probecore.parse_layer_spec(layers) if layers else None
         with progress_bars(quiet or as_json) as progress:

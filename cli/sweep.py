@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import re
+from collections.abc import Sequence
+from enum import Enum
 from pathlib import Path
 
 import typer
@@ -13,16 +16,22 @@ from probecore.errors import DataError
 from probecore.feature_cache import FeatureCache
 from probecore.probe import FitOptions
 from probecore.reduction import ReductionPolicy
+from probecore.report import check_writable
 
 from .models import model_source
 from .output import console, progress_bars, user_errors
 from .run import FIT, POLICY, default_cache_dir, image_preprocessing, parse_floats
 
 
+class CheckpointOrder(str, Enum):
+    natural = "natural"
+    given = "given"
+
+
 def sweep_command(
     models: list[str] = typer.Argument(
-        ..., help="Checkpoints in training order: ONNX files (e.g. ckpt_*.onnx) or package.module:function references.",
-        show_default=False,
+        ..., help="Checkpoints: ONNX files (e.g. ckpt_*.onnx) or package.module:function references, put in "
+        "training order by --order.", show_default=False,
     ),
     data: Path = typer.Option(..., "--data", help="A .npz file or an image folder, as for `probe run`."),
     out: Path = typer.Option(Path("sweep"), "--out", help="Directory for sweep.json, sweep.csv, heatmap.png, report.html."),
@@ -34,13 +43,23 @@ def sweep_command(
     seed: int = typer.Option(0, min=0, help="Seed for the data split and the random feature subsets."),
     device: str = typer.Option("auto", help="auto (CUDA when it works), cpu, or cuda."),
     no_cache: bool = typer.Option(False, "--no-cache", help="Keep features in memory only; reuse nothing."),
+    order: CheckpointOrder = typer.Option(
+        CheckpointOrder.natural, "--order", help="natural: by the numbers in the checkpoint names, compared as "
+        "numbers (ckpt_2 before ckpt_10, which the shell's ckpt_*.onnx puts after it), kept as given when some "
+        "name holds no number; given: as listed.",
+    ),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars and no table."),
 ) -> None:
     """Probe the same layers of every checkpoint on one data set: a layer x checkpoint grid of probe errors.
 
     Example: probe sweep ckpt_*.onnx --data data.npz --out sweep/
     """
+    models, used_order, why = checkpoint_order(models, order.value)
+    if not quiet:
+        labels = _listing([_label(model) for model in models])
+        console.print(f"checkpoint order {used_order} ({why}): {labels}", highlight=False, soft_wrap=True)
     with user_errors():
+        check_writable(out)
         policy = ReductionPolicy(max_features=max_features, global_pool=global_pool, seed=seed)
         cache = None if no_cache else FeatureCache(default_cache_dir())
         entries = probecore.parse_layer_spec(layers) if layers else None
@@ -56,6 +75,7 @@ def sweep_command(
                     tracker.progress = progress
                     report = tracker.record(_label(model), source)
             report.settings["source"]["model"] = str(model)
+            report.settings["source"]["checkpoint_order"] = used_order
             if not quiet:
                 best = min(report.layers, key=lambda layer: layer.metrics["test"].error)
                 console.print(f"[{index + 1}/{len(models)}] {_label(model)}: best layer {best.name} "
@@ -85,6 +105,7 @@ def report_command(
                 break
         else:
             raise DataError(f"{results} holds no report.json or sweep.json; pass a directory written by `probe run` or `probe sweep`")
+        check_writable(results)
         try:
             data = json.loads(path.read_text())
             if kind == "sweep":
@@ -105,6 +126,35 @@ def sweep_table(sweep: probecore.SweepReport) -> Table:
     for name, row in zip(sweep.layers, sweep.grid()):
         table.add_row(name, *("" if value != value else f"{100 * value:.1f}" for value in row))
     return table
+
+
+def checkpoint_order(models: Sequence[str], order: str = "natural") -> tuple[list[str], str, str]:
+    """The checkpoints in the order to probe them, the order used (natural or given), and why, for the line
+    printed.
+
+    The shell sorts ``ckpt_*.onnx`` as text (ckpt_10 before ckpt_2), so ``natural`` sorts by the numbers in
+    the names compared as numbers. A name without a number (init, final) has no place among them, so then the
+    given order is kept, and said."""
+    if order == "given":
+        return list(models), "given", "as listed"
+    unnumbered = [_label(model) for model in models if not re.search("[0-9]", _label(model))]
+    if unnumbered:
+        verb = "holds" if len(unnumbered) == 1 else "hold"
+        return list(models), "given", f"{_listing(unnumbered)} {verb} no number to sort by; put the step in every name"
+    return sorted(models, key=lambda model: natural_key(_label(model))), "natural", "by the numbers in the names"
+
+
+def natural_key(name: str) -> list:
+    """``name`` split into text and numbers, the numbers as ints: epoch1_step500 < epoch2_step100 <
+    epoch2_step1000. Text and numbers alternate from a text part on, so keys compare part by part."""
+    return [int(part) if index % 2 else part for index, part in enumerate(re.split("([0-9]+)", name))]
+
+
+def _listing(names: list[str], most: int = 8) -> str:
+    """Names joined with commas, the middle left out past ``most`` so the line stays readable."""
+    if len(names) <= most:
+        return ", ".join(names)
+    return f"{', '.join(names[: most - 2])}, ..., {', '.join(names[-2:])} ({len(names)} in all)"
 
 
 def _label(model: str) -> str:

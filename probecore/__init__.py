@@ -15,7 +15,8 @@ ONNX files, ``ArraySource`` for activations you already have).
 from .datasets import Dataset, Split, load_dataset, pack_inputs, split_dataset
 from .diagnostics import DiagnosticOptions, Finding, diagnose
 from .errors import (
-    CacheError, DataError, ExtraNotInstalledError, LayerSelectionError, ModelError, ProbeError, ReductionError,
+    CacheError, DataError, ExtraNotInstalledError, LayerSelectionError, ModelError, OutputError, ProbeError,
+    ReductionError,
 )  # fmt: skip
 from .feature_cache import FeatureCache
 from .layers import parse_layer_spec, select_layers
@@ -50,6 +51,7 @@ __all__ = [
     "LayerSelectionError",
     "PathPoint",
     "ModelError",
+    "OutputError",
     "Probe",
     "ProbeError",
     "ProbeReport",

@@ -17,6 +17,9 @@ import numpy as np
 from .errors import DataError
 
 SPLITS = ("train", "valid", "test")
+SAVE_NPZ = "numpy.savez('data.npz', x=inputs, y=labels)"  # how every refused data file is told to be saved
+# Bytes found in text files (the heuristic of file(1)): a head made only of these is text, e.g. a CSV file.
+TEXT_BYTES = bytes({7, 8, 9, 10, 12, 13, 27} | set(range(0x20, 0x100)) - {0x7F})
 
 
 def pack_inputs(**arrays: np.ndarray) -> np.ndarray:
@@ -73,11 +76,7 @@ def load_dataset(
         return split_dataset(folder, folder.labels, valid_fraction, test_fraction, seed, where=str(path))
     if not path.is_file():
         raise DataError(f"data file not found: {path}; pass an existing .npz file or image folder with --data")
-    try:
-        with np.load(path, allow_pickle=False) as archive:
-            arrays = {key: archive[key] for key in archive.files}
-    except Exception as exc:  # numpy raises several types for a file that is not an npz archive
-        raise DataError(f"{path} is not a readable .npz file ({exc}); save it with numpy.savez") from None
+    arrays = _read_npz(path)
     keys = set(arrays)
     split_keys = {f"{axis}_{name}" for axis in "xy" for name in ("train", "test")}
     if split_keys <= keys:
@@ -98,6 +97,73 @@ def load_dataset(
     )
 
 
+def _read_npz(path: Path) -> dict[str, np.ndarray]:
+    """Every array of a .npz file by key. Anything else is refused by what it holds, read from its content
+    (whatever its name), with how to save a .npz instead; nothing is unpickled, as that can run code."""
+    try:
+        loaded = np.load(path, mmap_mode="r", allow_pickle=False)  # mapped: a .npy is described, not read
+    except Exception as exc:  # numpy raises several types for a file it cannot read without unpickling
+        raise DataError(_not_npz(path, exc)) from None
+    if isinstance(loaded, np.ndarray):
+        raise DataError(
+            f"{path} is a .npy file, which holds one array (shape {loaded.shape}, {loaded.dtype}): inputs alone, "
+            f"no labels; save inputs and labels together with {SAVE_NPZ}, or ready splits as x_train, y_train, "
+            "x_test, y_test (x_valid, y_valid optional)"
+        )
+    arrays, pickled = {}, []
+    with loaded as archive:
+        for key in archive.files:
+            try:
+                arrays[key] = archive[key]
+            except ValueError as exc:
+                if not _holds_objects(archive.zip.open(f"{key}.npy")):
+                    message = f"{path}: array {key} cannot be read ({exc}); save it again with {SAVE_NPZ}"
+                    raise DataError(message) from None
+                pickled.append(key)
+    if pickled:
+        raise DataError(
+            f"{path}: {', '.join(pickled)} hold{'s' if len(pickled) == 1 else ''} Python objects (dtype object), which "
+            "numpy reads only by unpickling and probecore does not (it can run code); save numeric or string arrays "
+            "instead (e.g. labels.astype(str), inputs padded to one shape)"
+        )
+    return arrays
+
+
+def _not_npz(path: Path, exc: Exception) -> str:
+    """What a file numpy could not read as a .npz holds, judged from its first bytes, and how to save one."""
+    with path.open("rb") as stream:
+        head = stream.read(2048)
+    if not head:
+        return f"{path} is empty; save inputs and labels with {SAVE_NPZ}"
+    if head.startswith(b"\x93NUMPY"):
+        if _holds_objects(path.open("rb")):
+            return (f"{path} is a .npy file of Python objects (dtype object), which numpy reads only by "
+                    f"unpickling and probecore does not (it can run code); save numeric or string arrays with "
+                    f"{SAVE_NPZ}")  # fmt: skip
+        return f"{path} is a .npy file numpy cannot read ({exc}); save inputs and labels with {SAVE_NPZ}"
+    if head.startswith(b"\x80"):  # the opcode that starts every pickle since protocol 2
+        return (f"{path} is a Python pickle, which probecore does not load (unpickling can run code); save inputs "
+                f"and labels as arrays with {SAVE_NPZ}")  # fmt: skip
+    if head.startswith(b"PK"):
+        return f"{path} is a damaged .npz (zip) archive ({exc}); save it again with {SAVE_NPZ}"
+    if not head.translate(None, TEXT_BYTES):
+        return (f"{path} is a text file (CSV or similar), not a .npz archive; read it with numpy.loadtxt or pandas, "
+                f"then save inputs and labels with {SAVE_NPZ}")  # fmt: skip
+    return (f"{path} is neither a .npz archive nor a .npy array (it starts with {head[:8]!r}); save inputs and "
+            f"labels with {SAVE_NPZ}")  # fmt: skip
+
+
+def _holds_objects(stream) -> bool:
+    """Whether the .npy array in ``stream`` has Python objects in its dtype (read from its header alone)."""
+    with stream:
+        try:
+            version = np.lib.format.read_magic(stream)
+            header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            return header(stream)[2].hasobject
+        except ValueError:  # not a .npy header after all
+            return False
+
+
 def split_dataset(
     x: np.ndarray, y: np.ndarray, valid_fraction: float = 0.1, test_fraction: float = 0.2, seed: int = 0,
     where: str = "data",
@@ -111,12 +177,19 @@ def split_dataset(
         )
     _check_pair(x, y, where)
     classes, codes = _encode(y, where)
-    test_rows, valid_rows, train_rows = _stratified_rows(codes, [test_fraction, valid_fraction], seed)
-    splits = {}
-    for name, rows in (("train", train_rows), ("valid", valid_rows), ("test", test_rows)):
-        if len(rows) == 0:
-            raise DataError(f"{where}: the {name} split is empty; provide more samples or a larger {name} fraction")
-        splits[name] = Split(x[rows], codes[rows])
+    fractions = [test_fraction, valid_fraction]
+    test_rows, valid_rows, train_rows = _stratified_rows(codes, fractions, seed)
+    rows_by_split = {"train": train_rows, "valid": valid_rows, "test": test_rows}
+    empty = [name for name in SPLITS if len(rows_by_split[name]) == 0]
+    if empty:
+        raise DataError(
+            f"{where}: too few samples per class for three splits: at valid fraction {valid_fraction:g} and test "
+            f"fraction {test_fraction:g} a class needs at least {_class_size_needed(fractions)} samples to reach every "
+            f"split, and the largest class has {np.bincount(codes).max()} (the {' and '.join(empty)} "
+            f"split{'s' if len(empty) > 1 else ''} would be empty); add samples, or give ready splits instead "
+            f"(x_train/y_train, x_valid/y_valid, x_test/y_test in the .npz)"
+        )
+    splits = {name: Split(x[rows], codes[rows]) for name, rows in rows_by_split.items()}
     return Dataset(splits["train"], splits["valid"], splits["test"], classes)
 
 
@@ -149,12 +222,29 @@ def _stratified_rows(codes: np.ndarray, fractions: list[float], seed: int) -> li
     for code in np.unique(codes):
         members = rng.permutation(np.flatnonzero(codes == code))
         start = 0
-        for part, fraction in zip(parts, fractions):
-            stop = start + int(round(len(members) * fraction))
-            part.append(members[start:stop])
-            start = stop
-        parts[-1].append(members[start:])
+        for part, size in zip(parts, _split_sizes(len(members), fractions)):
+            part.append(members[start : start + size])
+            start += size
     return [np.sort(np.concatenate(part)) for part in parts]
+
+
+def _split_sizes(class_size: int, fractions: list[float]) -> list[int]:
+    """How many of a class's samples each fraction takes (rounded), then the rest: one rounding for the split
+    and for the error that says how large a class must be."""
+    sizes = [int(round(class_size * fraction)) for fraction in fractions]
+    return [*sizes, class_size - sum(sizes)]
+
+
+def _class_size_needed(fractions: list[float]) -> int:
+    """The class size from which on every split gets a sample of the class. Rounding can starve a split of a
+    larger class after a smaller one fed them all (e.g. fractions 0.5 and 0.45: 5 samples fill three splits, 6
+    do not), so this is the start of the run of sizes that all work, not the first size that does."""
+    rest = 1 - sum(fractions)
+    surely = int(np.ceil(max(2 / rest, *(1 / fraction for fraction in fractions))))  # each share above 1 / 2
+    needed = surely
+    while needed > 1 and min(_split_sizes(needed - 1, fractions)) > 0:
+        needed -= 1
+    return needed
 
 
 def fingerprint(*arrays: np.ndarray) -> str:

@@ -29,5 +29,13 @@ class CacheError(ProbeError):
     """The feature cache cannot be used as asked (busy, out of space, unsupported setting)."""
 
 
+class OutputError(ProbeError):
+    """The results cannot be written where asked."""
+
+
 class ExtraNotInstalledError(ProbeError):
     """A framework adapter was asked for, but its framework (an optional extra) is not installed."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C, with a note on what was kept for the next run (the features already in the cache)."""

@@ -7,7 +7,7 @@ from __future__ import annotations
 import base64
 from html import escape
 
-from .report import ProbeReport
+from .report import MODEL_ERROR_NOTE, ProbeReport
 
 PER_ROW = 6
 BOX_W, BOX_H, GAP_X, GAP_Y = 150, 58, 34, 30
@@ -101,7 +101,8 @@ def _summary(report: ProbeReport) -> str:
     model = report.settings.get("source", {}).get("model", "")
     line = f"{len(report.layers)} layers, {len(report.classes)} classes, samples: {sizes}"
     if report.model_test is not None:
-        line += f"; model's own test error ({escape(str(report.model_output))}): {100 * report.model_test.error:.1f}%"
+        error = 100 * report.model_test.error
+        line += f"; model's own error on the test split ({escape(str(report.model_output))}): {error:.1f}% ({MODEL_ERROR_NOTE})"
     return f'<p>{escape(str(model))}</p><p class="muted">{line}</p>'
 
 

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import errno
-import functools
-import hashlib
 import platform
 import time
 from collections.abc import Callable, Sequence
@@ -19,7 +18,7 @@ from .feature_cache import FeatureCache
 from .layers import select_layers
 from .control import control_labels
 from .probe import FitOptions, Probe, fit_probes
-from .errors import CacheError, ReductionError
+from .errors import CacheError, DataError, Interrupted, ReductionError
 from .reduction import Reduction, ReductionPolicy, plan_reduction
 from .report import LayerResult, ProbeReport
 from .softmax import SplitMetrics
@@ -39,6 +38,7 @@ class ExtractedFeatures:
     model_output: str | None = None  # the model output that scores the same classes, if any
     model_test_scores: np.ndarray | None = None  # (N_test, C) from that output
     reduced_by_source: bool = False  # True when the source reduced the layers itself (e.g. in the ONNX graph)
+    cached: bool = False  # True when the features went through the cache (a source without identity skips it)
     splits_from_cache: int = 0  # split entries (a split, or a split's group of layers) read whole from the cache
 
 
@@ -64,36 +64,12 @@ def run_probes(
     """
     started = time.perf_counter()
     progress = progress or (lambda *args: None)
+    inputs = checked_inputs(source, dataset)  # first: a model's open input sizes are fixed from the data here
     chosen = select_layers(source.layers(), layers)
-    extracted = extract_features(source, dataset, chosen, policy, batch_size, progress, cache, layers_per_pass)
+    extracted = _extract(source, dataset, inputs, chosen, policy, batch_size, progress, cache, layers_per_pass)
     extract_seconds = time.perf_counter() - started
-
-    n_classes = len(dataset.classes)
-    features = extracted.by_layer
-    counts = {name: activation_counts(features[name]) for name in features}  # NaN/Inf set to 0 here
-    probes = _fit_layers(features, dataset.train.y, dataset.valid.y, n_classes, fit, progress, "fit")
-    controls = {}
-    if control_task:
-        labels = control_labels(dataset)
-        by_strength: dict[float, list[str]] = {}
-        for name, probe in probes.items():
-            by_strength.setdefault(probe.l2, []).append(name)
-        for l2, names in by_strength.items():  # each control probe as its real one: same strength
-            chosen_fit = dataclasses.replace(fit, l2=l2)
-            group = {name: features[name] for name in names}
-            fitted = _fit_layers(group, labels["train"], labels["valid"], n_classes, chosen_fit, progress, "control")
-            controls.update(
-                {name: {split: probe.evaluate(group[name][split], labels[split]) for split in labels}
-                 for name, probe in fitted.items()}
-            )  # fmt: skip
-    results = []
-    for layer in chosen:
-        probe, by_split = probes[layer.name], features[layer.name]
-        metrics = {name: probe.evaluate(by_split[name], split.y) for name, split in dataset.splits().items()}
-        result = _layer_result(layer, extracted.reductions[layer.name], metrics, probe, controls.get(layer.name))
-        result.activations = counts[layer.name]
-        results.append(result)
-    fit_seconds = time.perf_counter() - started - extract_seconds
+    with _kept_in_cache(cache if extracted.cached else None):
+        results, fit_seconds = _fit_and_score(dataset, chosen, extracted, fit, control_task, progress)
 
     model_test = None
     if extracted.model_test_scores is not None:
@@ -108,7 +84,7 @@ def run_probes(
         "layers_per_pass": layers_per_pass,
         "reduced_by_source": extracted.reduced_by_source,
         "cache": None
-        if cache is None
+        if not extracted.cached
         else {"dir": str(cache.root), "storage": cache.storage_dtype, "splits_from_cache": extracted.splits_from_cache},
         "control_task": control_task,
         "seconds": {
@@ -128,6 +104,37 @@ def run_probes(
     )
 
 
+def _fit_and_score(dataset, layers, extracted, fit, control_task, progress) -> tuple[list[LayerResult], float]:
+    """Fit every layer's probe (and control probe) on the extracted features; score them on every split."""
+    started = time.perf_counter()
+    n_classes = len(dataset.classes)
+    features = extracted.by_layer
+    counts = {name: activation_counts(features[name]) for name in features}  # NaN/Inf set to 0 here
+    probes = _fit_layers(features, dataset.train.y, dataset.valid.y, n_classes, fit, progress, "fit")
+    controls = {}
+    if control_task:
+        labels = control_labels(dataset)
+        by_strength: dict[float, list[str]] = {}
+        for name, probe in probes.items():
+            by_strength.setdefault(probe.l2, []).append(name)
+        for l2, names in by_strength.items():  # each control probe as its real one: same strength
+            chosen_fit = dataclasses.replace(fit, l2=l2)
+            group = {name: features[name] for name in names}
+            fitted = _fit_layers(group, labels["train"], labels["valid"], n_classes, chosen_fit, progress, "control")
+            controls.update(
+                {name: {split: probe.evaluate(group[name][split], labels[split]) for split in labels}
+                 for name, probe in fitted.items()}
+            )  # fmt: skip
+    results = []
+    for layer in layers:
+        probe, by_split = probes[layer.name], features[layer.name]
+        metrics = {name: probe.evaluate(by_split[name], split.y) for name, split in dataset.splits().items()}
+        result = _layer_result(layer, extracted.reductions[layer.name], metrics, probe, controls.get(layer.name))
+        result.activations = counts[layer.name]
+        results.append(result)
+    return results, time.perf_counter() - started
+
+
 def extract_features(
     source: ActivationSource,
     dataset: Dataset,
@@ -140,44 +147,67 @@ def extract_features(
 ) -> ExtractedFeatures:
     """Run ``source`` over every split, reducing each batch of each layer as it arrives.
 
-    Every input is checked before the first forward pass, and layers of known shape get their reduction
-    planned up front, so mistakes surface before any work is done. With a ``cache``, each split's features
-    go to disk batch by batch (memory stays flat in the number of samples), a split already cached runs no
-    forward pass, and an interrupted split resumes from its last completed batch. ``layers_per_pass``
-    exposes at most that many layers per forward pass (more passes, less memory per pass).
+    Every input is checked and every layer's reduction planned before the first forward pass, so mistakes
+    surface before any work is done (a layer whose shape the source cannot tell is measured on one sample).
+    With a ``cache``, each split's features go to disk batch by batch (memory stays flat in the number of
+    samples), a split already cached runs no forward pass, and an interrupted split resumes from its last
+    completed batch. ``layers_per_pass`` exposes at most that many layers per forward pass (more passes,
+    less memory per pass).
     """
+    inputs = checked_inputs(source, dataset)
+    return _extract(source, dataset, inputs, layers, policy, batch_size, progress, cache, layers_per_pass)
+
+
+def checked_inputs(source: ActivationSource, dataset: Dataset) -> dict:
+    """Each split's inputs as ``source.check_inputs`` returns them; the splits must share one per-sample shape."""
+    inputs = {name: source.check_inputs(split.x) for name, split in dataset.splits().items()}
+    shapes = {name: _sample_shape(x) for name, x in inputs.items()}
+    if len(set(shapes.values())) > 1:
+        listed = ", ".join(f"{name} {shape}" for name, shape in shapes.items())
+        raise DataError(f"the splits' samples differ in shape ({listed}); give every split samples of one shape")
+    return inputs
+
+
+def _sample_shape(x) -> tuple:
+    """Per-sample shape of an array, or of each field of a structured one (a model with several inputs)."""
+    if x.dtype.names:
+        return tuple((name, x.dtype[name].shape) for name in x.dtype.names)
+    return tuple(x.shape[1:])
+
+
+def _extract(source, dataset, inputs, layers, policy, batch_size, progress, cache, layers_per_pass) -> ExtractedFeatures:
     if layers_per_pass is not None and layers_per_pass < 1:
         raise ReductionError(f"layers_per_pass must be at least 1, got {layers_per_pass}")
     progress = progress or (lambda *args: None)
-    inputs = {name: source.check_inputs(split.x) for name, split in dataset.splits().items()}
+    layers = _with_shapes(source, layers, inputs["train"])
     mask_input = getattr(source, "mask_input", None)  # the model input marking real tokens, if any
-    plan = {layer.name: functools.partial(plan_reduction, layer.name, policy=policy, layout=layer.layout,
-                                          mask_input=mask_input) for layer in layers}  # fmt: skip
-    reductions = {layer.name: plan[layer.name](layer.shape) for layer in layers if layer.n_features}
+    reductions = {
+        layer.name: plan_reduction(layer.name, layer.shape, policy, layout=layer.layout, mask_input=mask_input)
+        for layer in layers
+    }
     model_output = _output_predicting(source.layers(), dataset.classes)
     names = [layer.name for layer in layers]
     # A source that reduces by itself (in the model's graph, on its device) ships only reduced features.
-    by_source = isinstance(source, ReducingSource) and all(
-        name in reductions and source.can_reduce(reductions[name]) for name in names
-    )
+    by_source = isinstance(source, ReducingSource) and all(source.can_reduce(reductions[name]) for name in names)
     identity = source.identity() if cache is not None else None
-    cacheable = identity is not None and all(name in reductions for name in names)
     extracted = ExtractedFeatures({name: {} for name in names}, reductions, reduced_by_source=by_source)
-    data_keys = {name: _data_key(x) for name, x in inputs.items()} if cacheable else {}  # hashed once per split
+    extracted.cached = identity is not None
+    data_keys = {name: _data_key(x) for name, x in inputs.items()} if extracted.cached else {}  # hashed once per split
     step = layers_per_pass or len(names)
     groups = [names[start : start + step] for start in range(0, len(names), step)]
     total_samples, done = len(groups) * sum(len(x) for x in inputs.values()), 0
     for index, group in enumerate(groups):
         for split_name, x in inputs.items():
             scores = model_output if split_name == "test" and index == 0 else None
-            batches = _reduced_batches(source, group, reductions, plan, scores, by_source, batch_size)
+            batches = _reduced_batches(source, group, reductions, scores, by_source, batch_size)
 
             def report(n_done: int, split_name=split_name, offset=done) -> None:
                 progress("extract", offset + n_done, total_samples, split_name)
 
-            if cacheable:
+            if extracted.cached:
                 key = _cache_key(identity, data_keys[split_name], group, reductions, scores)
-                arrays, from_cache = _through_cache(cache, key, x, batches, report)
+                with _kept_in_cache(cache):
+                    arrays, from_cache = _through_cache(cache, key, x, batches, report)
                 extracted.splits_from_cache += from_cache
             else:
                 arrays = _in_memory(x, batches, report)
@@ -189,12 +219,40 @@ def extract_features(
     return extracted
 
 
+def _with_shapes(source: ActivationSource, layers: Sequence[LayerInfo], x) -> list[LayerInfo]:
+    """``layers`` as the source describes them now (its input sizes may have been fixed from the data since
+    they were chosen), each with its per-sample shape: one that no inference could tell is measured on the
+    first sample, so that every layer is planned, reduced by the source and cached like the others."""
+    current = {layer.name: layer for layer in source.layers()}
+    layers = [current.get(layer.name, layer) for layer in layers]
+    unknown = [layer.name for layer in layers if layer.n_features is None]
+    if not unknown:
+        return layers
+    measured = next(iter(source.activations(x[:1], unknown, 1)))
+    return [
+        dataclasses.replace(layer, shape=tuple(measured[layer.name].shape[1:])) if layer.name in unknown else layer
+        for layer in layers
+    ]
+
+
+@contextlib.contextmanager
+def _kept_in_cache(cache: FeatureCache | None):
+    """Ctrl-C with a cache in use says where the features extracted so far are kept for the next run."""
+    try:
+        yield
+    except KeyboardInterrupt as exc:
+        if cache is None or isinstance(exc, Interrupted):
+            raise
+        raise Interrupted(
+            f"the features extracted so far are kept in the cache ({cache.root}); the same command resumes there"
+        ) from None
+
+
 SCORES = "::model_output"  # the model's own output, stored beside the layers for the test split
 
 
-def _reduced_batches(source, names, reductions, plan, scores, by_source, batch_size):
-    """A function of inputs ``x`` yielding, per batch, every layer's reduced (B, k) float32 features.
-    ``plan[name](shape)`` plans a layer whose shape is known only once its first batch arrives."""
+def _reduced_batches(source, names, reductions, scores, by_source, batch_size):
+    """A function of inputs ``x`` yielding, per batch, every layer's reduced (B, k) float32 features."""
     extra = [scores.name] if scores is not None and scores.name not in names else []
     mask_input = getattr(source, "mask_input", None)
     if not by_source and mask_input and mask_input not in names:
@@ -210,8 +268,6 @@ def _reduced_batches(source, names, reductions, plan, scores, by_source, batch_s
             for name in names:
                 values = batch[name]
                 if not by_source:
-                    if name not in reductions:  # shape known only now
-                        reductions[name] = plan[name](values.shape[1:])
                     values = reductions[name].apply(values, batch.get(reductions[name].mask_input))
                 reduced[name] = values
             if scores is not None:
@@ -249,7 +305,7 @@ def _through_cache(cache: FeatureCache, key: dict, x, batches, report) -> tuple[
                 start += len(next(iter(batch.values())))
                 report(start)
         except KeyboardInterrupt:
-            raise
+            raise  # the entry stays, to be resumed
         except Exception as exc:
             entry.discard()
             if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
@@ -268,11 +324,7 @@ def _data_key(x) -> str:
 
 def _cache_key(identity: dict, data: str, names, reductions, scores) -> dict:
     """Everything that fixes a split's features: model, inputs (and their preprocessing), reductions."""
-    layers = {}
-    for name in names:
-        reduction = reductions[name]
-        subset = None if reduction.subset is None else hashlib.sha256(reduction.subset.tobytes()).hexdigest()
-        layers[name] = {**reduction.to_dict(), "sample_shape": list(reduction.sample_shape), "subset_sha256": subset}
+    layers = {name: reductions[name].key() for name in names}
     widths = {name: reductions[name].n_features_out for name in names}
     if scores is not None:
         widths[SCORES] = scores.n_features

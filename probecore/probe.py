@@ -26,11 +26,13 @@ class FitOptions:
     one weight vector instead of two). One value fixes the strength; several (the default, log-spaced) are a
     path: fitted strongest first, each fit starting from the previous one's weights, and the strength with
     the lowest validation loss is kept. Every fit runs until L-BFGS converges (``tol``) or reaches
-    ``max_iter``, so the probe kept is the optimum at the strength reported. The path stops at the first
-    strength whose optimum does no better on validation than the best so far (validation loss is U-shaped
-    in the strength); early stopping on the validation split cuts that last fit short: once its validation
-    loss has stayed at or above the best strength's for ``patience`` iterations, it cannot win. A single
-    strength is fitted to convergence, the validation split then only scored. Features are standardized
+    ``max_iter``, so the probe kept is the optimum at the strength reported; its ``stop_reason`` says which,
+    or ``line_search_failed`` when no step lowered the loss (usually a ``tol`` near zero, below what the
+    float32 loss can resolve: the fit is then as close to the optimum as float32 allows). The path stops at
+    the first strength whose optimum does no better on validation than the best so far (validation loss is
+    U-shaped in the strength); early stopping on the validation split cuts that last fit short: once its
+    validation loss has stayed at or above the best strength's for ``patience`` iterations, it cannot win. A
+    single strength is fitted to convergence, the validation split then only scored. Features are standardized
     with the training split's mean and spread unless ``standardize`` is False.
 
     Threads: ``fit_probes`` fits up to ``threads`` layers at once (None: one per available core), and every
@@ -74,7 +76,8 @@ class PathPoint:
     l2: float
     valid_loss: float | None
     n_iter: int
-    stop_reason: str  # "converged", "early_stopping" or "max_iter"
+    # "converged", "early_stopping", "max_iter", "max_evaluations", "line_search_failed" or "abnormal: <scipy's words>"
+    stop_reason: str
 
     def to_dict(self) -> dict:
         return {"l2": self.l2, "valid_loss": self.valid_loss, "iterations": self.n_iter, "stop_reason": self.stop_reason}
@@ -215,11 +218,24 @@ def _minimize(loss: SoftmaxLoss, start, valid, reference: float | None, options:
         callback=stopper,
         options={"maxiter": options.max_iter, "ftol": options.tol, "gtol": options.tol, "maxcor": 20},
     )
-    stop_reason = "converged" if result.success else "max_iter"
-    if stopper is not None and stopper.stopped:
-        stop_reason = "early_stopping"
+    stop_reason = "early_stopping" if stopper is not None and stopper.stopped else _stop_reason(result)
     valid_loss = None if valid is None else _valid_loss(loss, result.x, *valid)
     return result.x, PathPoint(loss.l2, valid_loss, int(result.nit), stop_reason)
+
+
+def _stop_reason(result) -> str:
+    """Name how scipy's L-BFGS-B ended, from its status and message: a failed line search (float32 noise
+    under a tight ``tol``) is not a fit cut short by ``max_iter``. Messages are matched loosely because
+    scipy reworded them when it rewrote L-BFGS-B from Fortran in C."""
+    message = str(result.message).upper()
+    if result.status == 0:
+        return "converged"
+    if result.status == 1:  # a limit: ours on iterations, or scipy's own on evaluations (maxfun)
+        return "max_evaluations" if "EVALUATIONS" in message else "max_iter"
+    if message.startswith("ABNORMAL"):  # L-BFGS-B's word for a line search that found no lower loss
+        return "line_search_failed"
+    kind, _, detail = message.partition(": ")
+    return f"abnormal: {(detail or kind).strip().lower()}"
 
 
 def _valid_loss(loss: SoftmaxLoss, params: np.ndarray, features: np.ndarray, labels: np.ndarray) -> float:

@@ -13,6 +13,7 @@ where "real" follows the attention mask the model takes (padding never counts).
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import math
 import zlib
 from dataclasses import dataclass, field
@@ -124,6 +125,12 @@ class Reduction:
             "features_out": self.n_features_out,
             "description": self.describe(),
         }
+
+    def key(self) -> dict:
+        """Everything that fixes this reduction's output, subset indices included (as a hash): the one key
+        for a cache entry's layer and for the onnxruntime session that computes it."""
+        subset = None if self.subset is None else hashlib.sha256(self.subset.tobytes()).hexdigest()
+        return {**self.to_dict(), "sample_shape": list(self.sample_shape), "subset_sha256": subset}
 
     def apply(self, batch: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
         """Reduce one (N, *sample_shape) batch to (N, n_features_out) float32; ``mask``, (N, T), marks the

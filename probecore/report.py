@@ -12,9 +12,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .diagnostics import Finding, activation_findings, diagnose
+from .errors import OutputError
 from .softmax import SplitMetrics
 
 SPLIT_NAMES = ("train", "valid", "test")
+# The model's own error is measured on the run's test split, which is new to the model only if the data is.
+MODEL_ERROR_NOTE = "held out only if the data excludes the model's own training samples"
 
 
 @dataclass
@@ -166,6 +169,24 @@ def write_results(out_dir: str | Path, files: dict[str, str | bytes]) -> Path:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return out_dir
+
+
+def check_writable(out_dir: str | Path) -> None:
+    """Raise ``OutputError`` unless ``write_results`` can write into ``out_dir``: checked before any work, so
+    that a run never ends, after all its extraction and fitting, in a write that fails."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise OutputError(f"cannot write results to {out_dir}: it is a file; pass --out a directory (it is created if missing)")
+    existing = next(folder for folder in [out_dir, *out_dir.parents] if folder.exists())
+    if not existing.is_dir():
+        raise OutputError(f"cannot write results to {out_dir}: {existing} is a file; pass --out a path under a directory")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".probecore-check.", dir=existing))
+    except OSError as exc:
+        raise OutputError(
+            f"cannot write results to {out_dir}: {existing} is not writable ({exc.strerror}); pass --out a directory "
+            "you can write to"
+        ) from None
 
 
 def _metrics_from_dict(data: dict) -> SplitMetrics:

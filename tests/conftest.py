@@ -1,9 +1,17 @@
 """Shared fixtures."""
 
+import tempfile
 import zlib
 
 import numpy as np
 import pytest
+
+try:  # hypothesis keeps examples and constants in .hypothesis/ under the working directory, from import on
+    from hypothesis.configuration import set_hypothesis_home_dir
+
+    set_hypothesis_home_dir(tempfile.mkdtemp(prefix="probecore-hypothesis-"))
+except ImportError:  # no dev extra: the property tests are not collected
+    pass
 
 
 @pytest.fixture

@@ -78,3 +78,38 @@ def save_convnet(path, rng, channels=4, size=8, n_classes=3):
         numpy_helper.from_array(fc_b, "fc_b"),
     ]
     return save_model(path, nodes, inputs, outputs, initializers)
+
+
+def save_open_convnet(path, rng, height="H", width="W", external_data=False, n_classes=3):
+    """x (N, 3, height, width) -> Conv "conv1" -> Relu "relu1" -> MaxPool "pool1" -> Conv -> Relu "relu2" ->
+    GlobalAveragePool "gap" -> Flatten -> Gemm "logits": a fully convolutional net that takes any image size,
+    as detectors and OCR models are exported (height/width: a name, None for an unnamed open dimension, or a
+    size). ``external_data`` keeps the weights in ``<name>.data`` beside it, as torch's exporter does."""
+    weights = {
+        "conv1_w": rng.normal(size=(8, 3, 3, 3)).astype(np.float32),
+        "conv2_w": rng.normal(size=(16, 8, 3, 3)).astype(np.float32) / 5,
+        "fc_w": rng.normal(size=(n_classes, 16)).astype(np.float32),
+        "fc_b": np.zeros(n_classes, np.float32),
+    }
+    nodes = [
+        helper.make_node("Conv", ["x", "conv1_w"], ["conv1"], pads=[1, 1, 1, 1], name="conv1"),
+        helper.make_node("Relu", ["conv1"], ["relu1"], name="relu1"),
+        helper.make_node("MaxPool", ["relu1"], ["pool1"], kernel_shape=[2, 2], strides=[2, 2], name="pool1"),
+        helper.make_node("Conv", ["pool1", "conv2_w"], ["conv2"], pads=[1, 1, 1, 1], name="conv2"),
+        helper.make_node("Relu", ["conv2"], ["relu2"], name="relu2"),
+        helper.make_node("GlobalAveragePool", ["relu2"], ["gap"], name="gap"),
+        helper.make_node("Flatten", ["gap"], ["flat"], name="flat"),
+        helper.make_node("Gemm", ["flat", "fc_w", "fc_b"], ["logits"], transB=1, name="logits"),
+    ]
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, height, width])]
+    outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", n_classes])]
+    initializers = [numpy_helper.from_array(value, name) for name, value in weights.items()]
+    graph = helper.make_graph(nodes, "open", inputs, outputs, initializers)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    if external_data:
+        onnx.save(model, str(path), save_as_external_data=True, location=path.name + ".data", size_threshold=0)
+    else:
+        onnx.save(model, str(path))
+    return path

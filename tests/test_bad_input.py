@@ -9,12 +9,14 @@ one cache (test_pipeline_cache.py::test_two_runs_on_one_cache_both_succeed_and_a
 import errno
 import json
 import os
+import tempfile
+from pathlib import Path
 
 import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto, helper
-from onnx_models import mlp_weights, save_mlp, save_model
+from onnx_models import mlp_weights, save_mlp, save_model, save_open_convnet
 from PIL import Image
 from test_cli import invoke, small_npz
 
@@ -130,6 +132,12 @@ def negative_l2(tmp, arrays):
     return case(DEMO_MODEL, small_npz(tmp / "d.npz", arrays), "--l2", "-1")
 
 
+def missing_weights_file(tmp, arrays):
+    model = save_open_convnet(tmp / "model.onnx", np.random.default_rng(0), external_data=True)
+    (tmp / "model.onnx.data").unlink()
+    return case(model, small_npz(tmp / "d.npz", arrays))  # the model is read first
+
+
 def _vectors(path, width, n=200):
     rng = np.random.default_rng(1)
     np.savez(path, x=rng.normal(size=(n, width)).astype(np.float32), y=np.arange(n) % 2)
@@ -156,6 +164,8 @@ MATRIX = [
     (too_large_unreduced, ["layer 'x' has 300000 features", "allow reduction (drop --no-reduce)"]),
     (bad_l2, ["--l2 takes comma-separated numbers"]),
     (negative_l2, ["l2 must be one or more strengths, zero or positive"]),
+    (missing_weights_file, ["model.onnx keeps its weights in model.onnx.data, which is missing: looked for",
+                            "put that file beside model.onnx (or re-export the model with its weights inside)"]),
 ]
 
 
@@ -172,6 +182,120 @@ def test_a_mistake_gives_one_line_exit_1_and_leaves_nothing(tmp_path, demo_array
     assert "Traceback" not in result.output
     assert not out.exists()
     assert not cache.exists() or not any(cache.iterdir()), sorted(cache.rglob("*"))
+
+
+def ir_too_new_for_onnx(tmp, arrays):
+    model = onnx.load(str(DEMO_MODEL))
+    model.ir_version = onnx.IR_VERSION + 1
+    onnx.save(model, str(tmp / "new.onnx"))
+    return case(tmp / "new.onnx", small_npz(tmp / "d.npz", arrays)), (
+        f"new.onnx uses ONNX IR version {onnx.IR_VERSION + 1}, newer than the installed onnx {onnx.__version__} reads "
+        f"(IR up to {onnx.IR_VERSION}); upgrade it (pip install -U onnx onnxruntime-gpu, or onnxruntime where there "
+        "is no GPU build), or re-export the model with an older opset (e.g. torch.onnx.export(..., opset_version=18))"
+    )
+
+
+def ir_too_new_for_onnxruntime(tmp, arrays):
+    import onnxruntime
+
+    model = onnx.load(str(DEMO_MODEL))
+    model.ir_version = onnx.IR_VERSION  # what this onnx reads; onnxruntime lags behind onnx
+    try:
+        onnxruntime.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+        pytest.skip(f"onnxruntime {onnxruntime.__version__} runs IR version {onnx.IR_VERSION} already")
+    except Exception as exc:
+        supported = str(exc).split("max supported IR version: ")[1].split()[0]
+    onnx.save(model, str(tmp / "new.onnx"))
+    return case(tmp / "new.onnx", small_npz(tmp / "d.npz", arrays)), (
+        f"new.onnx uses ONNX IR version {onnx.IR_VERSION}, newer than the installed onnxruntime "
+        f"{onnxruntime.__version__} reads (IR up to {supported}); upgrade it (pip install -U onnx onnxruntime-gpu, or "
+        "onnxruntime where there is no GPU build), or re-export the model with an older opset (e.g. "
+        "torch.onnx.export(..., opset_version=18))"
+    )
+
+
+def npy_data(tmp, arrays):
+    np.save(tmp / "d.npy", arrays["x_train"][:300])
+    return case(DEMO_MODEL, tmp / "d.npy"), (
+        f"{tmp / 'd.npy'} is a .npy file, which holds one array (shape (300, 1, 28, 28), uint8): inputs alone, no "
+        "labels; save inputs and labels together with numpy.savez('data.npz', x=inputs, y=labels), or ready splits as "
+        "x_train, y_train, x_test, y_test (x_valid, y_valid optional)"
+    )
+
+
+def two_samples_per_class(tmp, arrays):
+    np.savez(tmp / "d.npz", x=np.zeros((2000, 1, 28, 28), np.float32), y=np.repeat(np.arange(1000), 2))
+    return case(DEMO_MODEL, tmp / "d.npz"), (
+        f"{tmp / 'd.npz'}: too few samples per class for three splits: at valid fraction 0.1 and test fraction 0.2 a "
+        "class needs at least 6 samples to reach every split, and the largest class has 2 (the valid and test splits "
+        "would be empty); add samples, or give ready splits instead (x_train/y_train, x_valid/y_valid, x_test/y_test "
+        "in the .npz)"
+    )
+
+
+EXACT = [ir_too_new_for_onnx, ir_too_new_for_onnxruntime, npy_data, two_samples_per_class]
+
+
+@pytest.mark.parametrize("make_case", EXACT, ids=[make.__name__ for make in EXACT])
+def test_the_exact_line_for_mistakes_whose_fix_is_not_obvious(tmp_path, demo_arrays, make_case):
+    (model, data, extra), message = make_case(tmp_path, demo_arrays)
+    out, cache = tmp_path / "results", tmp_path / "cache"
+    result = invoke("run", model, "--data", data, "--out", out, "--cache-dir", cache, *extra)
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert result.stderr == f"error: {message}\n"
+    assert not out.exists() and (not cache.exists() or not any(cache.iterdir()))
+
+
+def unwritable_out(tmp):
+    """An --out under a folder no one may write to: chmod for a normal user; root writes through chmod, but not
+    into /sys (a read-only file system or no new entries, depending on the machine)."""
+    if os.geteuid() != 0:
+        (tmp / "locked").mkdir(mode=0o555)
+        return tmp / "locked" / "results", tmp / "locked"
+    try:
+        os.rmdir(tempfile.mkdtemp(dir="/sys"))
+    except OSError:
+        return Path("/sys/probecore-results"), Path("/sys")
+    pytest.skip("no folder this root user cannot write to")
+
+
+@pytest.mark.parametrize("where", ["existing_file", "under_a_file", "unwritable_folder"])
+def test_an_out_that_cannot_be_written_is_one_line_before_any_work(tmp_path, demo_arrays, where, monkeypatch):
+    data = small_npz(tmp_path / "d.npz", demo_arrays)
+    (tmp_path / "taken").write_text("someone's file")
+    out, message = {
+        "existing_file": (tmp_path / "taken", "it is a file; pass --out a directory (it is created if missing)"),
+        "under_a_file": (tmp_path / "taken" / "results", f"{tmp_path / 'taken'} is a file; pass --out a path under a directory"),
+        "unwritable_folder": (None, None),
+    }[where]  # fmt: skip
+    if out is None:
+        out, folder = unwritable_out(tmp_path)
+        error = os.strerror(errno.EACCES if os.geteuid() != 0 else _errno_of_writing(folder))
+        message = f"{folder} is not writable ({error}); pass --out a directory you can write to"
+    started = []
+    monkeypatch.setattr("probecore.cli.run.model_source", lambda *args: started.append(args))  # no work may start
+    result = invoke("run", DEMO_MODEL, "--data", data, "--out", out, "--cache-dir", tmp_path / "cache")
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert result.stderr == f"error: cannot write results to {out}: {message}\n"
+    assert started == [] and not (tmp_path / "cache").exists()
+    assert (tmp_path / "taken").read_text() == "someone's file"
+
+
+def test_sweep_checks_its_out_before_any_work_too(tmp_path, demo_arrays):
+    (tmp_path / "taken").write_text("someone's file")
+    result = invoke("sweep", DEMO_MODEL, "--data", small_npz(tmp_path / "d.npz", demo_arrays), "--out", tmp_path / "taken")
+    assert result.exit_code == 1 and "[1/1]" not in result.stdout
+    assert result.stderr == (
+        f"error: cannot write results to {tmp_path / 'taken'}: it is a file; pass --out a directory (it is created if missing)\n"
+    )
+
+
+def _errno_of_writing(folder) -> int:
+    try:
+        os.rmdir(tempfile.mkdtemp(dir=folder))
+    except OSError as exc:
+        return exc.errno
+    return 0
 
 
 def test_unreadable_images_are_skipped_counted_and_listed(tmp_path):

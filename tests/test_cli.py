@@ -60,8 +60,9 @@ def test_run_prints_the_table(tmp_path, demo_arrays):
     data = small_npz(tmp_path / "data.npz", demo_arrays)
     result = invoke("run", DEMO_MODEL, "--data", data, "--out", tmp_path / "r", "--layers", "relu3,logits")
     assert result.exit_code == 0, result.output
-    assert "relu3" in result.stdout and "error % tr/va/te" in result.stdout
-    assert "model's own test error (logits)" in result.stdout
+    assert "relu3" in result.stdout and "error % tr/va/te" in result.stdout and "features used" in result.stdout
+    assert "model's own error on the test split (logits)" in result.stdout
+    assert "held out only if the data excludes the model's own training samples" in result.stdout
 
 
 def test_run_with_a_chosen_strength_and_the_control_task(tmp_path, demo_arrays):
@@ -128,3 +129,29 @@ def test_a_second_run_reads_the_features_from_the_cache(tmp_path, demo_arrays):
     assert [layer["metrics"] for layer in first["layers"]] == [layer["metrics"] for layer in second["layers"]]
     no_cache = json.loads(invoke(*args[:-3], "--no-cache", "--json", "--out", tmp_path / "c").stdout)
     assert no_cache["settings"]["cache"] is None
+
+
+def test_ctrl_c_says_where_extracted_features_are_kept_only_when_a_cache_keeps_them(tmp_path, demo_arrays, monkeypatch):
+    from probecore.backends.onnx_source import OnnxSource
+
+    real_run = OnnxSource._run
+
+    def interrupted_after_two_batches(self, *args, **kwargs):
+        for index, batch in enumerate(real_run(self, *args, **kwargs)):
+            if index == 2:
+                raise KeyboardInterrupt
+            yield batch
+
+    monkeypatch.setattr(OnnxSource, "_run", interrupted_after_two_batches)
+    data, cache = small_npz(tmp_path / "data.npz", demo_arrays), tmp_path / "cache"
+    common = ("run", DEMO_MODEL, "--data", data, "--out", tmp_path / "r", "--batch-size", "50")
+    result = invoke(*common, "--cache-dir", cache)
+    assert result.exit_code == 130 and not (tmp_path / "r").exists()
+    assert result.stderr == (
+        f"interrupted; no results were written; the features extracted so far are kept in the cache ({cache}); "
+        "the same command resumes there\n"
+    )
+    (manifest,) = cache.glob("*/manifest.json")
+    assert json.loads(manifest.read_text())["completed"] == 100
+    uncached = invoke(*common, "--no-cache")
+    assert uncached.exit_code == 130 and uncached.stderr == "interrupted; no results were written\n"

@@ -1,9 +1,11 @@
 """split_dataset and load_dataset: stratified reproducible splits, label encoding, and every refusal."""
 
+import pickle
+
 import numpy as np
 import pytest
 
-from probecore.datasets import load_dataset, split_dataset
+from probecore.datasets import _class_size_needed, _split_sizes, load_dataset, split_dataset
 from probecore.errors import DataError
 
 
@@ -113,6 +115,39 @@ def test_split_rejects_bad_fractions(valid_fraction, test_fraction):
         split_dataset(x, labels, valid_fraction, test_fraction)
 
 
+READY_SPLITS = "give ready splits instead (x_train/y_train, x_valid/y_valid, x_test/y_test in the .npz)"
+
+
+def test_too_few_samples_per_class_says_how_many_a_class_needs_and_how_many_it_has():
+    labels = np.repeat(np.arange(1000), 2)  # 1000 classes of 2 samples
+    with pytest.raises(DataError) as caught:
+        split_dataset(np.zeros((len(labels), 3)), labels)
+    assert str(caught.value) == (
+        "data: too few samples per class for three splits: at valid fraction 0.1 and test fraction 0.2 a class "
+        "needs at least 6 samples to reach every split, and the largest class has 2 (the valid and test splits "
+        f"would be empty); add samples, or {READY_SPLITS}"
+    )
+
+
+def test_too_few_samples_names_the_one_split_left_empty_and_the_largest_class():
+    x, labels = _labelled_pool(np.random.default_rng(9), [3, 4, 2])
+    with pytest.raises(DataError) as caught:
+        split_dataset(x, labels, 0.1, 0.3, where="pool.npz")
+    assert str(caught.value) == (
+        "pool.npz: too few samples per class for three splits: at valid fraction 0.1 and test fraction 0.3 a "
+        "class needs at least 6 samples to reach every split, and the largest class has 4 (the valid split would "
+        f"be empty); add samples, or {READY_SPLITS}"
+    )
+    split_dataset(*_labelled_pool(np.random.default_rng(9), [6, 2, 2]), 0.1, 0.3)  # one class of 6 is enough
+
+
+@pytest.mark.parametrize("fractions", [[0.2, 0.1], [0.3, 0.15], [0.05, 0.05], [0.25, 0.25], [0.5, 0.45], [0.01, 0.9]])
+def test_the_class_size_needed_is_where_every_larger_class_reaches_every_split(fractions):
+    needed = _class_size_needed(fractions)
+    assert all(min(_split_sizes(size, fractions)) >= 1 for size in range(needed, 2000))
+    assert min(_split_sizes(needed - 1, fractions)) == 0
+
+
 # --- load_dataset ----------------------------------------------------------------------------------------
 
 
@@ -188,11 +223,73 @@ def test_a_file_that_is_not_an_npz_is_a_data_error(tmp_path, content):
         load_dataset(path)
 
 
-def test_a_plain_npy_file_is_a_data_error(tmp_path):
-    path = tmp_path / "data.npy"
-    np.save(path, np.arange(10))
-    with pytest.raises(DataError, match="npz"):
+SAVE_NPZ = "numpy.savez('data.npz', x=inputs, y=labels)"
+
+
+def _refusal(path) -> str:
+    with pytest.raises(DataError) as caught:
         load_dataset(path)
+    return str(caught.value)
+
+
+@pytest.mark.parametrize("name", ["data.npy", "data.npz"])  # told by its content, whatever its name
+def test_a_plain_npy_file_says_it_holds_one_array_and_how_to_save_inputs_with_labels(tmp_path, name):
+    path = tmp_path / name
+    with path.open("wb") as stream:
+        np.save(stream, np.zeros((10, 28, 28), np.float32))
+    assert _refusal(path) == (
+        f"{path} is a .npy file, which holds one array (shape (10, 28, 28), float32): inputs alone, no labels; "
+        f"save inputs and labels together with {SAVE_NPZ}, or ready splits as x_train, y_train, x_test, y_test "
+        "(x_valid, y_valid optional)"
+    )
+
+
+def test_a_npy_file_of_python_objects_is_refused_without_unpickling(tmp_path):
+    path = tmp_path / "data.npy"
+    np.save(path, np.array([{"image": 1}, None], dtype=object), allow_pickle=True)
+    assert _refusal(path) == (
+        f"{path} is a .npy file of Python objects (dtype object), which numpy reads only by unpickling and "
+        f"probecore does not (it can run code); save numeric or string arrays with {SAVE_NPZ}"
+    )
+
+
+def test_a_npz_with_object_arrays_names_them(tmp_path):
+    path = _save(tmp_path, x=np.zeros((4, 2)), y=np.array(["cat", 1, None, "dog"], dtype=object))
+    assert _refusal(path) == (
+        f"{path}: y holds Python objects (dtype object), which numpy reads only by unpickling and probecore does "
+        "not (it can run code); save numeric or string arrays instead (e.g. labels.astype(str), inputs padded to "
+        "one shape)"
+    )
+
+
+def test_a_pickle_is_refused_without_unpickling(tmp_path):
+    path = tmp_path / "data.pkl"
+    path.write_bytes(pickle.dumps({"x": [[0.0, 1.0]], "y": [0]}))
+    assert _refusal(path) == (
+        f"{path} is a Python pickle, which probecore does not load (unpickling can run code); save inputs and "
+        f"labels as arrays with {SAVE_NPZ}"
+    )
+
+
+def test_a_csv_file_is_told_to_be_read_and_saved_as_npz(tmp_path):
+    path = tmp_path / "data.csv"
+    path.write_text("pixel0,pixel1,label\n0.5,0.25,cat\n0.0,1.0,dog\n")
+    assert _refusal(path) == (
+        f"{path} is a text file (CSV or similar), not a .npz archive; read it with numpy.loadtxt or pandas, then "
+        f"save inputs and labels with {SAVE_NPZ}"
+    )
+
+
+@pytest.mark.parametrize(
+    "content, says",
+    [(b"", "is empty"), (b"PK\x03\x04 truncated zip", "is a damaged .npz (zip) archive (File is not a zip file)"),
+     (bytes(range(256)), "is neither a .npz archive nor a .npy array (it starts with b'\\x00\\x01")],
+)  # fmt: skip
+def test_other_unreadable_files_say_what_they_are_in_one_line(tmp_path, content, says):
+    path = tmp_path / "data.npz"
+    path.write_bytes(content)
+    message = _refusal(path)
+    assert message.startswith(f"{path} {says}") and message.endswith(SAVE_NPZ) and "\n" not in message
 
 
 @pytest.mark.parametrize(

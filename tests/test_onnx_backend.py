@@ -43,8 +43,9 @@ def test_layers_are_listed_in_graph_order_with_shapes_and_default_picks(tmp_path
     assert layers["pool"].shape == (4, 4, 4)
     assert layers["logits"].is_output and not layers["relu"].is_output
     defaults = {name for name, layer in layers.items() if layer.default}
-    # the input, activations, pooling, a residual Add (not the bias Add), swish, and the output
-    assert defaults == {"x", "relu", "block", "gate", "swish", "pool", "logits"}
+    # the input, activations, pooling, a residual Add (not the bias Add), swish (not the sigmoid inside it), the output
+    assert defaults == {"x", "relu", "block", "swish", "pool", "logits"}
+    assert layers["swish"].op_type == "Swish" and layers["gate"].op_type == "Sigmoid"
 
 
 def test_exposing_outputs_leaves_the_callers_model_untouched(tmp_path, rng):
@@ -231,3 +232,30 @@ def test_leaving_out_unneeded_nodes_keeps_what_a_subgraph_reads_from_outside(tmp
     values = rng.normal(size=(3, 4)).astype(np.float32)
     expected = np.maximum(values, 0) * (1 if values.sum() > 0 else -1)
     np.testing.assert_allclose(session.run(["y"], {"x": values})[0], expected, rtol=1e-6)
+
+
+def test_inputs_of_any_numeric_dtype_are_layers_and_images_among_them_default_ones(tmp_path, rng):
+    # a uint8 image input (the model casts and scales it itself) is the raw-input baseline like a float one;
+    # int64 token ids are listed and selectable but not a default pick
+    nodes = [
+        helper.make_node("Cast", ["img"], ["imgf"], to=TensorProto.FLOAT),
+        helper.make_node("GlobalAveragePool", ["imgf"], ["pooled"]),
+        helper.make_node("Flatten", ["pooled"], ["flat"]),
+        helper.make_node("Cast", ["ids"], ["idsf"], to=TensorProto.FLOAT),
+        helper.make_node("Concat", ["flat", "idsf"], ["logits"], axis=1),
+    ]
+    inputs = [helper.make_tensor_value_info("img", TensorProto.UINT8, ["N", 3, 8, 8]),
+              helper.make_tensor_value_info("ids", TensorProto.INT64, ["N", 5])]  # fmt: skip
+    outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 8])]
+    source = OnnxSource(save_model(tmp_path / "u8.onnx", nodes, inputs, outputs, []), device="cpu")
+    layers = {layer.name: layer for layer in source.layers()}
+    assert layers["img"].op_type == "Input" and layers["img"].default and layers["img"].shape == (3, 8, 8)
+    assert layers["ids"].op_type == "Input" and not layers["ids"].default
+
+    img = rng.integers(0, 255, (90, 3, 8, 8), dtype=np.uint8)
+    ids = rng.integers(0, 100, (90, 5))
+    y = (img[:, 0].mean(axis=(1, 2)) > 127).astype(np.int64)
+    dataset = probecore.split_dataset(probecore.pack_inputs(img=img, ids=ids), y)
+    report = probecore.run_probes(source, dataset, ["img", "ids"], fit=probecore.FitOptions(l2=1e-2))
+    assert [layer.name for layer in report.layers] == ["img", "ids"]
+    assert report.layers[0].reduction["features_out"] == 192 and report.layers[1].reduction["features_out"] == 5

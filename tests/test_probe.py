@@ -5,11 +5,12 @@ import dataclasses
 
 import numpy as np
 import pytest
+import scipy.optimize
 from sklearn.linear_model import LogisticRegression
 
 import reference as ref
 from probecore.errors import ProbeError
-from probecore.probe import FitOptions, Probe, fit_probe, fit_probes
+from probecore.probe import FitOptions, Probe, _stop_reason, fit_probe, fit_probes
 from probecore.softmax import split_metrics
 
 
@@ -82,7 +83,7 @@ def test_early_stopping_is_recorded_and_tests_as_well_as_sklearn(n, d, c):
     train, valid, test = slice(0, n), slice(n, n + n // 2), slice(n + n // 2, None)
     l2 = 1e-3
     probe = fit_probe(features[train], labels[train], c, features[valid], labels[valid], FitOptions(l2=l2, patience=5))
-    assert probe.stop_reason in ("converged", "early_stopping", "max_iter")
+    assert probe.stop_reason in ("converged", "early_stopping", "max_iter", "line_search_failed")
     assert 1 <= probe.n_iter <= 1000
 
     std_train, std_test = _standardize(features[train], features[test])
@@ -236,6 +237,53 @@ def test_fitting_layers_at_once_gives_the_probes_fitted_one_by_one():
         alone = fit_probe(train[name], labels[:600], 4, valid[name], labels[600:], options)
         np.testing.assert_array_equal(together[name].weights, alone.weights)
         assert together[name].l2 == alone.l2
+
+
+@pytest.fixture
+def lbfgs_results(monkeypatch):
+    """Every result scipy's minimizer returns during the test, recorded as it returns it (the fits stay real)."""
+    results, minimize = [], scipy.optimize.minimize
+
+    def recording(*args, **kwargs):
+        results.append(minimize(*args, **kwargs))
+        return results[-1]
+
+    monkeypatch.setattr(scipy.optimize, "minimize", recording)
+    return results
+
+
+def _scipy_says(result) -> str:
+    """The stop reason in scipy's own words: status 0 converged, 1 a limit, 2 abnormal (ABNORMAL: line search)."""
+    if result.status == 2:
+        return "line_search_failed" if result.message.startswith("ABNORMAL") else result.message
+    return {0: "converged", 1: "max_iter"}[result.status]
+
+
+def test_the_stop_reason_is_the_one_scipy_reports_a_failed_line_search_included(lbfgs_results):
+    # tol=0: no tolerance is ever met, so most of these fits end when the float32 loss cannot be lowered
+    reasons = []
+    for seed in range(6):
+        features, labels = _linear_data(np.random.default_rng([16, seed]), 200, 5, 3)
+        probe = fit_probe(features, labels, 3, options=FitOptions(l2=1e-2, tol=0))
+        assert len(lbfgs_results) == seed + 1 and probe.stop_reason == _scipy_says(lbfgs_results[-1])
+        reasons.append(probe.stop_reason)
+    assert "line_search_failed" in reasons and "max_iter" not in reasons, reasons
+
+    probe = fit_probe(features, labels, 3, options=FitOptions(l2=1e-2, tol=0, max_iter=2))
+    assert probe.stop_reason == "max_iter" == _scipy_says(lbfgs_results[-1]) and probe.n_iter == 2
+
+
+@pytest.mark.parametrize(
+    "status, message, reason",
+    [
+        (1, "STOP: TOTAL NO. OF F,G EVALUATIONS EXCEEDS LIMIT", "max_evaluations"),  # scipy 1.15 and later
+        (1, "STOP: TOTAL NO. of f AND g EVALUATIONS EXCEEDS LIMIT", "max_evaluations"),  # the Fortran version's
+        (2, "ABNORMAL_TERMINATION_IN_LNSRCH", "line_search_failed"),  # the Fortran version's
+        (2, "WARNING: ROUNDING ERRORS PREVENT PROGRESS", "abnormal: rounding errors prevent progress"),
+    ],
+)
+def test_stop_reasons_no_small_fit_reaches_are_named_from_scipys_message(status, message, reason):
+    assert _stop_reason(scipy.optimize.OptimizeResult(status=status, message=message)) == reason
 
 
 @pytest.mark.parametrize(

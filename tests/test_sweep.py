@@ -3,6 +3,7 @@
 
 import json
 import re
+import shutil
 
 import numpy as np
 import onnx
@@ -13,6 +14,7 @@ from test_diagnostics import planted_report
 
 import probecore
 from probecore.bundled import DEMO_MODEL
+from probecore.cli.sweep import checkpoint_order
 from probecore.html_report import report_html
 from probecore.render import report_figures
 
@@ -98,6 +100,51 @@ def test_probe_sweep_writes_the_grid_and_its_figures(tmp_path, checkpoints, demo
     again = invoke("report", out)
     assert again.exit_code == 0, again.output
     assert (out / "heatmap.png").read_bytes().startswith(PNG)
+
+
+@pytest.mark.parametrize(
+    "given, expected",
+    [
+        (["ckpt_10.onnx", "ckpt_2.onnx", "ckpt_1.onnx"], ["ckpt_1.onnx", "ckpt_2.onnx", "ckpt_10.onnx"]),
+        (["run/epoch2_step100.onnx", "run/epoch1_step1000.onnx", "run/epoch1_step500.onnx"],
+         ["run/epoch1_step500.onnx", "run/epoch1_step1000.onnx", "run/epoch2_step100.onnx"]),
+        (["ckpt_010.onnx", "ckpt_9.onnx", "nets:step3"], ["ckpt_9.onnx", "ckpt_010.onnx", "nets:step3"]),
+    ],
+)  # fmt: skip
+def test_natural_order_compares_the_numbers_in_checkpoint_names_as_numbers(given, expected):
+    assert checkpoint_order(given) == (expected, "natural", "by the numbers in the names")
+
+
+def test_names_without_a_number_keep_the_given_order_and_say_which():
+    given = ["final.onnx", "ckpt_3.onnx", "init.onnx"]
+    reason = "final, init hold no number to sort by; put the step in every name"
+    assert checkpoint_order(given) == (given, "given", reason)
+    listed = ["ckpt_10.onnx", "ckpt_2.onnx"]
+    assert checkpoint_order(listed, "given") == (listed, "given", "as listed")
+
+
+@pytest.mark.parametrize(
+    "options, used, line, order",
+    [([], "natural", "checkpoint order natural (by the numbers in the names): ckpt_2, ckpt_10", ["ckpt_2", "ckpt_10"]),
+     (["--order", "given"], "given", "checkpoint order given (as listed): ckpt_10, ckpt_2", ["ckpt_10", "ckpt_2"])],
+)  # fmt: skip
+def test_probe_sweep_puts_ckpt_2_before_ckpt_10_unless_told_to_keep_the_order(
+    tmp_path, checkpoints, demo_arrays, options, used, line, order
+):
+    shutil.copy(checkpoints[0], tmp_path / "ckpt_2.onnx")  # scrambled
+    shutil.copy(checkpoints[1], tmp_path / "ckpt_10.onnx")  # trained
+    data, out = small_npz(tmp_path / "d.npz", demo_arrays), tmp_path / "sweep"
+    models = [tmp_path / "ckpt_10.onnx", tmp_path / "ckpt_2.onnx"]  # as the shell's ckpt_*.onnx lists them
+    result = invoke("sweep", *models, "--data", data, "--out", out, "--layers", "logits", "--no-cache", *options)
+    assert result.exit_code == 0, result.output
+    assert result.stdout.splitlines()[0] == line
+    written = json.loads((out / "sweep.json").read_text())
+    assert written["checkpoints"] == order
+    sources = [report["settings"]["source"] for report in written["reports"]]
+    assert [source["model"] for source in sources] == [str(tmp_path / f"{name}.onnx") for name in order]
+    assert [source["checkpoint_order"] for source in sources] == [used, used]
+    errors = dict(zip(order, written["test_error"][0]))
+    assert errors["ckpt_10"] < errors["ckpt_2"]  # each column holds its own checkpoint's probes
 
 
 def test_probe_report_without_results_names_what_it_needs(tmp_path):
