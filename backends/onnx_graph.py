@@ -5,6 +5,7 @@ Never mutates the caller's model: exposing outputs works on a copy.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import re
@@ -17,7 +18,7 @@ from onnx import TensorProto, helper
 from probecore.errors import ModelError
 from probecore.source import LayerInfo
 
-from . import onnx_activations, onnx_reduce
+from . import onnx_activations, onnx_reduce, onnx_topology
 
 ACTIVATION_OPS = {
     "Relu", "LeakyRelu", "PRelu", "Elu", "Selu", "Celu", "Sigmoid", "Tanh", "Gelu", "Softplus", "Softsign",
@@ -256,13 +257,15 @@ def numpy_dtype(value: onnx.ValueInfoProto) -> np.dtype:
 
 def candidate_layers(model: onnx.ModelProto) -> list[LayerInfo]:
     """The numeric inputs and every float tensor with the input's batch axis, in graph order, marking the ones a
-    person calls layers.
+    person calls layers, with each one's place in the data flow (``onnx_topology``: main path, branch, side).
 
     Default picks: the input (float, or images of any dtype), activation and pooling outputs, residual
-    additions (``Add`` of two computed tensors) and the model's outputs. An activation that the exporter wrote
-    out of elementary ops (hard-swish as ``Div(Mul(x, Clip(x + 3, 0, 6)), 6)``, GELU with Erf, swish, Mish:
-    ``onnx_activations``) is one layer, its output, listed under the activation's name; the tensors inside
-    it are not default picks.
+    additions (``Add`` of two computed tensors) and the model's outputs, unless they are side branches (a gate,
+    attention scores: they modulate the main path rather than represent the input). An activation that the
+    exporter wrote out of elementary ops (hard-swish as ``Div(Mul(x, Clip(x + 3, 0, 6)), 6)``, GELU with Erf,
+    swish, Mish: ``onnx_activations``) is one layer, its output, listed under the activation's name; the
+    tensors inside it are not default picks. An image input that the model turns channels-first itself is
+    laid out channels-last.
     Tensors that a framework adapter named (``adapter_layers``) carry the module's or layer's kind and axes
     instead, and the adapter says which of them are default picks, and whether unnamed tensors may be.
     """
@@ -275,13 +278,17 @@ def candidate_layers(model: onnx.ModelProto) -> list[LayerInfo]:
     constants = onnx_activations.constant_tensors(graph)
     composite, inside_composite = onnx_activations.composite_activations(graph)
     outputs = {value.name for value in graph.output}
+    mask = mask_input(inputs)
+    flow = onnx_topology.DataFlow(graph, constants, [value.name for value in inputs if value.name != mask])
 
-    layers = []
+    found = []  # (LayerInfo without its place in the data flow, whether it may be a default pick)
     for source in inputs:  # numeric inputs are layers too: the raw-input baseline
         input_dims, kind = tensor_dims(source), numpy_dtype(source).kind
         if kind in "iuf" and input_dims and len(input_dims) >= 2:
             default = kind == "f" or len(input_dims) >= 4  # images of any dtype; not token ids or masks
-            layers.append(LayerInfo(source.name, "Input", _sample_shape(input_dims), default=default))
+            layout = "channels_last" if len(input_dims) == 4 and flow.channels_last(source.name) else None
+            layout = named_layers.get(source.name, {}).get("layout") or layout
+            found.append(LayerInfo(source.name, "Input", _sample_shape(input_dims), default=default, layout=layout))
     for node in graph.node:
         for name in node.output:
             if not name or name in constants:
@@ -303,8 +310,23 @@ def candidate_layers(model: onnx.ModelProto) -> list[LayerInfo]:
             looks_like_layer = name in composite or name not in inside_composite and _looks_like_layer(node, constants)
             default = default or others_default and looks_like_layer
             op_type, layout = info.get("kind") or composite.get(name) or node.op_type, info.get("layout")
-            layers.append(LayerInfo(name, op_type, shape, default=default, is_output=name in outputs, layout=layout))
+            found.append(LayerInfo(name, op_type, shape, default=default, is_output=name in outputs, layout=layout))
+    main = flow.main_path()
+    nearest = flow.nearest({layer.name for layer in found})
+    layers = []
+    for layer in found:
+        role = "main" if layer.name in main else "side" if flow.is_side(layer.name) else "branch"
+        default = layer.default and role != "side"
+        layers.append(dataclasses.replace(layer, default=default, role=role, inputs=nearest.get(layer.name, ())))
     return layers
+
+
+def mask_input(inputs: list[onnx.ValueInfoProto]) -> str | None:
+    """The input that marks real tokens (``attention_mask`` and the like) in a model with several inputs."""
+    if len(inputs) < 2:
+        return None
+    masks = [value.name for value in inputs if "mask" in value.name.lower() and len(tensor_dims(value) or ()) == 2]
+    return masks[0] if len(masks) == 1 else None
 
 
 def with_outputs(

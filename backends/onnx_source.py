@@ -43,7 +43,7 @@ class OnnxSource:
         self.reduce_in_graph = reduce_in_graph and onnx_reduce.default_opset(self._outline) >= onnx_reduce.MIN_OPSET
         self._input_shapes: dict[str, tuple[int, ...]] = {}  # open input dimensions, as fixed from the data
         self._describe(self._outline)
-        self.mask_input = _mask_input(self._inputs)
+        self.mask_input = onnx_graph.mask_input(self._inputs)
         self._session = None
         self._session_key = None
         self.provider: str | None = None
@@ -116,13 +116,21 @@ class OnnxSource:
         return self._run(x, list(layer_names), {}, batch_size, spin=False)  # the host reduces between runs
 
     def can_reduce(self, reduction: Reduction) -> bool:
-        return self.reduce_in_graph and reduction.tokens is None  # token pooling needs the mask: on the host
+        if not self.reduce_in_graph:
+            return False
+        if reduction.tokens is None or reduction.mask_input is None:
+            return True
+        # Token pooling reads the mask input in the graph: it must be one of the model's inputs and have the
+        # layer's number of tokens (otherwise the host's pool_tokens says what does not fit).
+        mask = next((value for value in self._inputs if value.name == reduction.mask_input), None)
+        dims = onnx_graph.tensor_dims(mask) if mask is not None else None
+        return dims is not None and len(dims) == 2 and dims[1] == reduction.sample_shape[0]
 
     def reduced_activations(
         self, x: np.ndarray, reductions: Mapping[str, Reduction], batch_size: int, raw_names: Sequence[str] = ()
     ) -> Iterator[dict[str, np.ndarray]]:
         # Layers that need no pooling or subset leave the graph whole; reshaping them on the host is free.
-        in_graph = {name: r for name, r in reductions.items() if r.pool is not None or r.subset is not None}
+        in_graph = {name: r for name, r in reductions.items() if r.tokens or r.pool or r.subset is not None}
         whole = [name for name in reductions if name not in in_graph]
         for batch in self._run(x, [*whole, *raw_names], in_graph, batch_size, spin=True):
             for name in whole:
@@ -173,7 +181,7 @@ class OnnxSource:
             "mask_input": self.mask_input,
             "device": self.device,
             "provider": self.provider,
-            "reduce_in_graph": self.reduce_in_graph,
+            "reduce_in_graph_allowed": self.reduce_in_graph,  # per layer: reduction["reduced_in"]
             "bytes_fetched": self.bytes_fetched,
         }
 
@@ -219,14 +227,6 @@ def _check_input(x, value, lazy: bool) -> None:
     if not lazy and x.dtype.kind == "f" and not np.isfinite(x).all():
         bad = int((~np.isfinite(x.reshape(len(x), -1))).any(axis=1).sum())
         raise DataError(f"{bad} input samples contain NaN or Inf; remove or fix them")
-
-
-def _mask_input(inputs) -> str | None:
-    """The input that marks real tokens (``attention_mask`` and the like) in a model with several inputs."""
-    if len(inputs) < 2:
-        return None
-    masks = [value.name for value in inputs if "mask" in value.name.lower() and len(onnx_graph.tensor_dims(value) or ()) == 2]
-    return masks[0] if len(masks) == 1 else None
 
 
 def create_session(model_bytes: bytes, device: str = "auto", spin: bool = True, weights_dir: Path | None = None):

@@ -10,10 +10,17 @@ through the ONNX path like any other model. Conversion and delegation only; need
 Each tensor a module returns is named after the module (``layer3.2``, ``features.4``); a module called
 more than once names its later outputs ``relu:2``, ``relu:3``, and one that returns its input unchanged
 (Dropout and Identity in eval mode) names nothing. Where several modules return the same tensor, the
-innermost block names it (``layer3.2``, not its last ReLU nor the stage ``layer3`` around it); without a
-block, the outermost module that is not a plain container (Sequential, ModuleList, ModuleDict). Defaults: the input, every activation, pooling and
-residual addition (as for any ONNX model), each block (a module with submodules of its own, like a ResNet
-``Bottleneck`` or a ``TransformerEncoderLayer``) and the model's outputs.
+innermost block that is an item of a list names it (``layer3.2``, ``encoder.layer.3``: not the block's last
+ReLU or its last sub-block, such as a BERT layer's ``output``, nor the stage ``layer3`` around it), else the
+innermost block; without a block, the outermost module that is not a plain container (Sequential, ModuleList,
+ModuleDict). The model's outputs are named after what ``forward`` returns: a mapping's keys (HuggingFace's
+``last_hidden_state``), a namedtuple's fields, else ``output`` or ``output_0``, ``output_1``, ... Defaults: the
+input, every activation, pooling and residual addition (as for any ONNX model), each block (a module with
+submodules of its own, like a ResNet ``Bottleneck`` or a ``TransformerEncoderLayer``) and the model's outputs.
+
+A dict of inputs is passed to ``forward`` by name, in whatever order (``forward(input_ids, attention_mask=None,
+token_type_ids=None)`` takes ``{"input_ids": ..., "token_type_ids": ...}``); parameters it leaves out keep
+their defaults and are not inputs of the ONNX model, whose inputs keep the dict's names.
 """
 
 from __future__ import annotations
@@ -45,18 +52,18 @@ def _torch():
 def export(module, example_inputs, path: str | Path, input_names: Sequence[str] | None = None) -> Path:
     """Export ``module`` (in eval mode) to ONNX at ``path``, with a dynamic batch axis and module names on
     tensors. ``example_inputs``: one tensor or array, or a tuple of them (one per ``forward`` argument), or a
-    dict from argument name to tensor. Returns ``path``."""
+    dict from parameter name to tensor, passed by name (the ONNX inputs keep the dict's names and order).
+    Returns ``path``."""
     torch = _torch()
-    inputs, names = _example(example_inputs, module, input_names)
+    inputs, names, keywords = _example(example_inputs, module, input_names)
     was_training = module.training
     module.eval()
     try:
         recorder = _Recorder(module)
         try:
             with torch.no_grad():
-                outputs, plan = recorder.dry_run(inputs)
-            output_names = ["output"] if len(outputs) == 1 else [f"output_{i}" for i in range(len(outputs))]
-            exposing = _exposing(module, recorder, [label for label, _ in plan])
+                output_names, plan = recorder.dry_run(inputs, keywords, names)
+            exposing = _exposing(module, recorder, keywords, [label for label, _ in plan])
             batch = torch.export.Dim("batch", min=1)
             with _quiet():
                 program = torch.onnx.export(
@@ -95,10 +102,10 @@ def probe_module(
 ) -> probecore.ProbeReport:  # fmt: skip
     """Probe every default layer (or ``layers``) of ``module`` on inputs ``x`` and labels ``y``.
 
-    ``x``: a numpy array or torch tensor, or a dict from ``forward`` argument name to array for a module with
-    several inputs (token ids and an attention mask). ``example``: what ``export`` traces with (default: the
-    first two samples; the exported input takes its dtype, so pass a float example for a model fed uint8
-    pixels it casts itself). ``options`` go to ``adapter.probe_exported`` (policy, fit, seed, fractions, ...)."""
+    ``x``: a numpy array or torch tensor, or a dict from ``forward`` parameter name to array for a module with
+    several inputs (token ids and an attention mask), passed by name. ``example``: what ``export`` traces with
+    (default: the first two samples; the exported input takes its dtype, so pass a float example for a model fed
+    uint8 pixels it casts itself). ``options`` go to ``adapter.probe_exported`` (policy, fit, seed, fractions, ...)."""
     if isinstance(x, Mapping):
         x = probecore.pack_inputs(**{name: _numpy(value) for name, value in x.items()})
         example = example if example is not None else {name: x[name][:2] for name in x.dtype.names}
@@ -127,15 +134,16 @@ class _Recorder:
     def __init__(self, module):
         self.calls: list[tuple[str, object, object]] = []
         self._counts: dict[str, int] = {}
-        self._handles = [sub.register_forward_hook(self._hook(name)) for name, sub in module.named_modules() if name]
+        self._handles = [sub.register_forward_hook(self._hook(name), with_kwargs=True)
+                         for name, sub in module.named_modules() if name]  # fmt: skip
         self._module = module
 
     def _hook(self, name: str):
-        def record(module, args, output) -> None:
+        def record(module, args, kwargs, output) -> None:
             self._counts[name] = self._counts.get(name, 0) + 1
             label = name if self._counts[name] == 1 else f"{name}:{self._counts[name]}"
             tensor = _first_tensor(output)
-            if tensor is not None and not any(tensor is argument for argument in args):  # Dropout, Identity
+            if tensor is not None and not any(tensor is given for given in [*args, *kwargs.values()]):  # Dropout
                 self.calls.append((label, module, tensor))
 
         return record
@@ -147,10 +155,10 @@ class _Recorder:
         for handle in self._handles:
             handle.remove()
 
-    def dry_run(self, inputs) -> tuple[list, list[tuple[str, NamedLayer]]]:
-        """Run once eagerly: the model's outputs, and which label names which probe-able tensor."""
+    def dry_run(self, inputs, keywords, input_names) -> tuple[list[str], list[tuple[str, NamedLayer]]]:
+        """Run once eagerly: the names of the model's outputs, and which label names which probe-able tensor."""
         self.start()
-        outputs = _tensors(self._module(*inputs))
+        outputs, output_names = _outputs(_call(self._module, inputs, keywords))
         if not outputs:
             raise ModelError("the module returns no tensor; probecore needs a module whose forward returns tensors")
         batch = len(inputs[0])
@@ -164,12 +172,15 @@ class _Recorder:
         for candidates in by_tensor.values():
             label, module = _namer(candidates)
             plan.append((label, NamedLayer(label, type(module).__name__, default=_is_block(module))))
-        return outputs, plan
+        if set(output_names) & {*input_names, *(label for label, _ in plan)}:  # a key that is also a module's name
+            output_names = _numbered(len(outputs))
+        return output_names, plan
 
 
-def _exposing(module, recorder: _Recorder, labels: list[str]):
+def _exposing(module, recorder: _Recorder, keywords: list[str] | None, labels: list[str]):
     """The module the exporter traces: the model's outputs, then each planned tensor (defined here, since
-    torch is imported only when an export is asked for)."""
+    torch is imported only when an export is asked for). It calls the model as ``dry_run`` did: by keyword
+    where the inputs came as a dict."""
     torch = _torch()
 
     class Exposing(torch.nn.Module):
@@ -179,19 +190,27 @@ def _exposing(module, recorder: _Recorder, labels: list[str]):
 
         def forward(self, *inputs):
             recorder.start()
-            outputs = _tensors(self.model(*inputs))
+            outputs, _ = _outputs(_call(self.model, inputs, keywords))
             by_label = {label: tensor for label, _, tensor in recorder.calls}
             return (*outputs, *(by_label[label] for label in labels))
 
     return Exposing()
 
 
+def _call(model, inputs, keywords: list[str] | None):
+    """Inputs that came as a dict go by name: its order need not be ``forward``'s."""
+    return model(**dict(zip(keywords, inputs))) if keywords is not None else model(*inputs)
+
+
 def _namer(candidates: list) -> tuple[str, object]:
-    """Of the modules that returned one tensor (innermost first): the innermost block (``layer3.2`` rather
-    than its last ReLU or the stage around it), else the outermost that is not a plain container."""
+    """Of the modules that returned one tensor (innermost first): the innermost block that is an item of a list
+    (``layer3.2``, ``encoder.layer.3`` rather than the BERT layer's last sub-block ``encoder.layer.3.output``),
+    else the innermost block (rather than its last ReLU or the stage around it), else the outermost module that
+    is not a plain container."""
     blocks = [item for item in candidates if _is_block(item[1])]
-    if blocks:
-        return blocks[0]
+    items = [item for item in blocks if item[0].partition(":")[0].rpartition(".")[2].isdigit()]
+    if items or blocks:
+        return (items or blocks)[0]
     meaningful = [item for item in candidates if not isinstance(item[1], _containers())]
     return (meaningful or candidates)[-1]
 
@@ -216,30 +235,48 @@ def _first_tensor(output):
     torch = _torch()
     if isinstance(output, torch.Tensor):
         return output
+    if isinstance(output, Mapping):
+        output = tuple(output.values())
     if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
         return output[0]  # (output, state) as LSTM and MultiheadAttention return
     return None
 
 
-def _tensors(output) -> list:
+def _outputs(output) -> tuple[list, list[str]]:
+    """The tensors ``forward`` returned and their names: a mapping's keys (HuggingFace's ModelOutput is an
+    OrderedDict), a namedtuple's fields, else ``output`` or ``output_0``, ``output_1``, ..."""
     torch = _torch()
-    if isinstance(output, torch.Tensor):
-        return [output]
     if isinstance(output, Mapping):
-        output = list(output.values())
-    if isinstance(output, (tuple, list)):
-        return [item for item in output if isinstance(item, torch.Tensor)]
-    return []
+        named = [(str(key), value) for key, value in output.items()]
+    elif isinstance(output, tuple) and hasattr(output, "_fields"):
+        named = list(zip(output._fields, output))
+    elif isinstance(output, (tuple, list)):
+        named = [(None, value) for value in output]
+    else:
+        named = [(None, output)]
+    named = [(name, value) for name, value in named if isinstance(value, torch.Tensor)]
+    names = [name for name, _ in named]
+    if None in names or len(set(names)) < len(names):
+        names = _numbered(len(named))
+    return [value for _, value in named], names
+
+
+def _numbered(count: int) -> list[str]:
+    return ["output"] if count == 1 else [f"output_{i}" for i in range(count)]
 
 
 def _example(example_inputs, module, input_names):
-    """Example inputs as a tuple of tensors with at least two samples (so the batch axis stays dynamic), and
-    the ONNX input names: ``input_names``, the dict's keys, or ``forward``'s argument names."""
+    """Example inputs as a tuple of tensors with at least two samples (so the batch axis stays dynamic), the
+    ONNX input names (``input_names``, the dict's keys, or ``forward``'s parameter names), and the names to
+    pass the inputs by (a dict's keys, checked against ``forward``), or None to pass them by position."""
     torch = _torch()
     if isinstance(example_inputs, Mapping):
-        names = list(input_names or example_inputs)
+        keywords = [str(key) for key in example_inputs]
+        _check_keywords(module, keywords)
+        names = list(input_names or keywords)
         values = list(example_inputs.values())
     else:
+        keywords = None
         values = list(example_inputs) if isinstance(example_inputs, tuple) else [example_inputs]
         names = list(input_names or _argument_names(module, len(values)))
     if len(names) != len(values):
@@ -248,7 +285,31 @@ def _example(example_inputs, module, input_names):
     if any(tensor.dim() == 0 or len(tensor) == 0 for tensor in tensors):
         raise DataError("example inputs need a batch axis with at least one sample")
     tensors = [tensor if len(tensor) > 1 else torch.cat([tensor, tensor]) for tensor in tensors]
-    return tuple(tensors), names
+    return tuple(tensors), names, keywords
+
+
+def _check_keywords(module, keywords: list[str]) -> None:
+    """A dict's keys must bind to ``forward``'s parameters by name (torch would fail deep in tracing, or not
+    at all where a key lands on a parameter of the same shape)."""
+    try:
+        signature = inspect.signature(module.forward)
+    except (TypeError, ValueError):  # no signature to check against: torch will say what does not fit
+        return
+    parameters = signature.parameters.values()
+    named = [p.name for p in parameters if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+    forward = f"{type(module).__name__}.forward({', '.join(named)})"
+    takes_any = any(p.kind == p.VAR_KEYWORD for p in parameters)
+    unknown = [] if takes_any else [key for key in keywords if key not in named]
+    if unknown:
+        listed = ", ".join(repr(key) for key in unknown)
+        subject = f"input {listed} is not a parameter" if len(unknown) == 1 else f"inputs {listed} are not parameters"
+        raise DataError(f"{subject} of {forward}; name each input after one of its parameters")
+    try:
+        signature.bind(**dict.fromkeys(keywords))
+    except TypeError as exc:  # a required parameter not given, or one that is positional only
+        raise DataError(
+            f"the inputs do not fit {forward}: {exc}; give every parameter it needs by name, or a tuple in its order"
+        ) from None
 
 
 def _argument_names(module, count: int) -> list[str]:

@@ -114,7 +114,7 @@ def main(argv=None) -> dict:
         result["reduced_features_total"] = sum(next(iter(s.values())).shape[1] for s in extracted.by_layer.values())
         result["reduced_mib"] = round(sum(a.nbytes for s in extracted.by_layer.values() for a in s.values()) / 2**20, 2)
         described = source.describe()
-        for key in ("provider", "reduce_in_graph", "bytes_fetched"):
+        for key in ("provider", "reduce_in_graph_allowed", "bytes_fetched"):
             if key in described:
                 result[key] = described[key]
     seconds = time.perf_counter() - started

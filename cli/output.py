@@ -98,7 +98,8 @@ def report_table(report: ProbeReport) -> Table:
     best = min(layer.metrics["test"].error for layer in report.layers)
     for layer in report.layers:
         metrics = [layer.metrics[split] for split in ("train", "valid", "test")]
-        row = [layer.name, layer.op_type, "x".join(map(str, layer.shape)), str(layer.n_features)]
+        op = f"{layer.op_type} (side)" if layer.role == "side" else layer.op_type  # a gate, attention scores
+        row = [layer.name, op, "x".join(map(str, layer.shape)), str(layer.n_features)]
         row.append(layer.reduction["description"])
         row.append("" if layer.l2 is None else f"{layer.l2:.0e}")
         row.append(" / ".join(_loss(m.loss) for m in metrics))

@@ -57,3 +57,18 @@ def select_layers(available: Sequence[LayerInfo], entries: Sequence[str] | None)
             matches = [value]
         picked.update(matches)
     return [layer for layer in available if layer.name in picked]
+
+
+def probed_parents(available: Sequence[LayerInfo], chosen: Sequence[LayerInfo]) -> dict[str, list[str]]:
+    """For each chosen layer, the chosen layers it is computed from directly: the nearest ones upstream in the
+    source's data flow (``LayerInfo.inputs``), through layers not chosen. Empty where the source knows no graph."""
+    names = {layer.name for layer in chosen}
+    front: dict[str, tuple[str, ...]] = {}  # layer -> the chosen layers that stand for it upstream
+    parents = {}
+    for layer in available:  # in graph order: every layer's inputs come before it
+        upstream = tuple(dict.fromkeys(parent for name in layer.inputs for parent in front.get(name, ())))
+        if layer.name in names:
+            parents[layer.name], front[layer.name] = list(upstream), (layer.name,)
+        else:
+            front[layer.name] = upstream
+    return {name: parents.get(name, []) for name in names}

@@ -15,10 +15,10 @@ import numpy as np
 
 from .datasets import Dataset, fingerprint
 from .feature_cache import FeatureCache
-from .layers import select_layers
+from .layers import probed_parents, select_layers
 from .control import control_labels
 from .probe import FitOptions, Probe, fit_probes
-from .errors import CacheError, DataError, Interrupted, ReductionError
+from .errors import CacheError, DataError, Interrupted, LayerSelectionError, ReductionError
 from .reduction import Reduction, ReductionPolicy, plan_reduction
 from .report import LayerResult, ProbeReport
 from .softmax import SplitMetrics
@@ -37,9 +37,15 @@ class ExtractedFeatures:
     reductions: dict[str, Reduction]
     model_output: str | None = None  # the model output that scores the same classes, if any
     model_test_scores: np.ndarray | None = None  # (N_test, C) from that output
-    reduced_by_source: bool = False  # True when the source reduced the layers itself (e.g. in the ONNX graph)
+    reduced_in: dict[str, str] = dataclasses.field(default_factory=dict)  # layer -> "model" (the source, e.g. the
+    # ONNX graph on the model's device, reduced it) or "host" (the numba kernels did, after it left the source)
     cached: bool = False  # True when the features went through the cache (a source without identity skips it)
     splits_from_cache: int = 0  # split entries (a split, or a split's group of layers) read whole from the cache
+
+    @property
+    def reduced_by_source(self) -> bool:
+        """True when the source reduced every layer itself: only reduced features left it."""
+        return all(where == "model" for where in self.reduced_in.values())
 
 
 def run_probes(
@@ -70,6 +76,9 @@ def run_probes(
     extract_seconds = time.perf_counter() - started
     with _kept_in_cache(cache if extracted.cached else None):
         results, fit_seconds = _fit_and_score(dataset, chosen, extracted, fit, control_task, progress)
+    parents = probed_parents(source.layers(), chosen)
+    for layer, result in zip(chosen, results):  # where each layer sits in the model, for the diagnostics
+        result.role, result.parents = layer.role, parents[layer.name]
 
     model_test = None
     if extracted.model_test_scores is not None:
@@ -130,6 +139,7 @@ def _fit_and_score(dataset, layers, extracted, fit, control_task, progress) -> t
         probe, by_split = probes[layer.name], features[layer.name]
         metrics = {name: probe.evaluate(by_split[name], split.y) for name, split in dataset.splits().items()}
         result = _layer_result(layer, extracted.reductions[layer.name], metrics, probe, controls.get(layer.name))
+        result.reduction["reduced_in"] = extracted.reduced_in[layer.name]
         result.activations = counts[layer.name]
         results.append(result)
     return results, time.perf_counter() - started
@@ -178,6 +188,8 @@ def _sample_shape(x) -> tuple:
 def _extract(source, dataset, inputs, layers, policy, batch_size, progress, cache, layers_per_pass) -> ExtractedFeatures:
     if layers_per_pass is not None and layers_per_pass < 1:
         raise ReductionError(f"layers_per_pass must be at least 1, got {layers_per_pass}")
+    if not layers:
+        raise LayerSelectionError("no layers to extract; pass at least one (see source.layers())")
     progress = progress or (lambda *args: None)
     layers = _with_shapes(source, layers, inputs["train"])
     mask_input = getattr(source, "mask_input", None)  # the model input marking real tokens, if any
@@ -188,9 +200,10 @@ def _extract(source, dataset, inputs, layers, policy, batch_size, progress, cach
     model_output = _output_predicting(source.layers(), dataset.classes)
     names = [layer.name for layer in layers]
     # A source that reduces by itself (in the model's graph, on its device) ships only reduced features.
-    by_source = isinstance(source, ReducingSource) and all(source.can_reduce(reductions[name]) for name in names)
+    by_source = isinstance(source, ReducingSource)
+    reduced_in = {name: "model" if by_source and source.can_reduce(reductions[name]) else "host" for name in names}
     identity = source.identity() if cache is not None else None
-    extracted = ExtractedFeatures({name: {} for name in names}, reductions, reduced_by_source=by_source)
+    extracted = ExtractedFeatures({name: {} for name in names}, reductions, reduced_in=reduced_in)
     extracted.cached = identity is not None
     data_keys = {name: _data_key(x) for name, x in inputs.items()} if extracted.cached else {}  # hashed once per split
     step = layers_per_pass or len(names)
@@ -199,7 +212,7 @@ def _extract(source, dataset, inputs, layers, policy, batch_size, progress, cach
     for index, group in enumerate(groups):
         for split_name, x in inputs.items():
             scores = model_output if split_name == "test" and index == 0 else None
-            batches = _reduced_batches(source, group, reductions, scores, by_source, batch_size)
+            batches = _reduced_batches(source, group, reductions, scores, reduced_in, batch_size)
 
             def report(n_done: int, split_name=split_name, offset=done) -> None:
                 progress("extract", offset + n_done, total_samples, split_name)
@@ -251,25 +264,25 @@ def _kept_in_cache(cache: FeatureCache | None):
 SCORES = "::model_output"  # the model's own output, stored beside the layers for the test split
 
 
-def _reduced_batches(source, names, reductions, scores, by_source, batch_size):
-    """A function of inputs ``x`` yielding, per batch, every layer's reduced (B, k) float32 features."""
+def _reduced_batches(source, names, reductions, scores, reduced_in, batch_size):
+    """A function of inputs ``x`` yielding, per batch, every layer's reduced (B, k) float32 features: those the
+    source reduces itself come reduced, the others whole, reduced here."""
+    in_model = {name: reductions[name] for name in names if reduced_in[name] == "model"}
+    on_host = [name for name in names if name not in in_model]
     extra = [scores.name] if scores is not None and scores.name not in names else []
-    mask_input = getattr(source, "mask_input", None)
-    if not by_source and mask_input and mask_input not in names:
-        extra.append(mask_input)  # token pooling on the host skips padding
+    masks = {reductions[name].mask_input for name in on_host} - {None} - set(names)
+    extra += sorted(masks)  # token pooling on the host skips padding
 
     def run(x):
-        if by_source:
-            stream = source.reduced_activations(x, {name: reductions[name] for name in names}, batch_size, extra)
+        if in_model:
+            stream = source.reduced_activations(x, in_model, batch_size, [*on_host, *extra])
         else:
             stream = source.activations(x, [*names, *extra], batch_size)
         for batch in stream:
             reduced = {}
             for name in names:
-                values = batch[name]
-                if not by_source:
-                    values = reductions[name].apply(values, batch.get(reductions[name].mask_input))
-                reduced[name] = values
+                host = name not in in_model
+                reduced[name] = reductions[name].apply(batch[name], batch.get(reductions[name].mask_input)) if host else batch[name]
             if scores is not None:
                 n_batch = len(reduced[names[0]])
                 reduced[SCORES] = np.asarray(batch[scores.name], np.float32).reshape(n_batch, -1)

@@ -36,6 +36,8 @@ class LayerResult:
     l2_path: list[dict] = field(default_factory=list)  # PathPoint.to_dict() per strength tried
     control: dict[str, SplitMetrics] | None = None  # the control task's probe, by split (control.py)
     activations: dict | None = None  # counts of NaN/Inf values and constant features (pipeline.activation_counts)
+    role: str | None = None  # "main", "branch" or "side" in the model's data flow (LayerInfo.role); None: unknown
+    parents: list[str] = field(default_factory=list)  # the probed layers it is computed from directly
 
     @property
     def n_features(self) -> int:
@@ -69,6 +71,8 @@ class LayerResult:
                 "selectivity": self.selectivity,
             },
             "activations": self.activations,
+            "role": self.role,
+            "parents": self.parents,
         }
 
 
@@ -87,7 +91,8 @@ class ProbeReport:
     def diagnostics(self) -> list[Finding]:
         """Steps back in depth, dead segments and overfitting probes (``diagnostics.py``)."""
         names = [layer.name for layer in self.layers]
-        findings = diagnose(names, [layer.metrics for layer in self.layers])
+        graph = [(layer.role, layer.parents) for layer in self.layers]
+        findings = diagnose(names, [layer.metrics for layer in self.layers], graph=graph)
         return findings + activation_findings(names, [layer.activations for layer in self.layers])
 
     def to_dict(self) -> dict:
@@ -208,6 +213,8 @@ def _layer_from_dict(data: dict) -> LayerResult:
         l2_path=fit["l2_path"],
         control=None if control is None else {s: _metrics_from_dict(control["metrics"][s]) for s in SPLIT_NAMES},
         activations=data.get("activations"),
+        role=data.get("role"),
+        parents=data.get("parents", []),
     )
 
 

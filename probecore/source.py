@@ -27,6 +27,12 @@ class LayerInfo:
     default: bool = True  # picked when the user names no layers
     is_output: bool = False  # one of the model's own outputs
     layout: str | None = None  # what the source knows of the axes, e.g. "channels_last" (Keras); None: guess
+    # Where the layer sits in the model's data flow, when the source knows its graph (the ONNX backend does):
+    # "main" (every path from the input to the output passes through it), "branch" (one of parallel paths: inside
+    # a residual block, an Inception branch) or "side" (it only modulates the main path: a gate, attention
+    # scores); and the layers it is computed from directly. None and (): unknown, the layers are read as a chain.
+    role: str | None = None
+    inputs: tuple[str, ...] = ()
 
     @property
     def n_features(self) -> int | None:

@@ -39,6 +39,7 @@ def test_layers_lists_the_default_layers_as_json():
     assert [row["name"] for row in rows] == ["pixels", "relu1", "pool1", "relu2", "pool2", "relu3", "logits"]
     assert rows[1] == {
         "name": "relu1", "op_type": "Relu", "shape": [32, 28, 28], "features": 25088, "default": True, "output": False,
+        "role": "main",
     }  # fmt: skip
 
 

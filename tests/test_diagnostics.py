@@ -29,29 +29,69 @@ def test_noise_level_wiggles_are_not_flagged():
     assert findings([0.10, 0.105, 0.098, 0.104, 0.097, 0.1], n=500) == []
 
 
+def skip_graph(n_layers, fork, join, branches=()):
+    """A chain of layers with a skip from ``fork`` straight to ``join``, so the layers between lie on one path
+    around which the skip goes (fork and join on the main path, the layers between on a branch); ``branches``:
+    more (layer, parent) edges, e.g. a second path from the fork to the join."""
+    graph = []
+    for i in range(n_layers):
+        parents = [f"layer{i - 1}"] if i else []
+        if i == join:
+            parents.append(f"layer{fork}")
+        parents += [f"layer{parent}" for layer, parent in branches if layer == i]
+        graph.append(("main" if i <= fork or i >= join else "branch", parents))
+    return graph
+
+
+def graph_findings(test_errors, graph, n=1000):
+    names = [f"layer{i}" for i in range(len(test_errors))]
+    return diagnose(names, [metrics(e, n) for e in test_errors], graph=graph)
+
+
 def test_a_planted_dead_segment_is_flagged_with_its_layers():
-    found = findings([0.30, 0.31, 0.30, 0.32, 0.31, 0.05, 0.04])
-    dead = [f for f in found if f.kind == "dead_segment"]
-    assert len(dead) == 1
-    assert dead[0].layers == ("layer1", "layer2", "layer3", "layer4")  # the layers after layer0 that add nothing
-    assert "does not improve on layer0's 30.0% along them, while layer5 reaches 5.0%" in dead[0].message
+    found = graph_findings([0.30, 0.31, 0.30, 0.32, 0.31, 0.29, 0.04], skip_graph(7, fork=0, join=5))
+    assert [(f.kind, f.layers) for f in found] == [("dead_segment", ("layer1", "layer2", "layer3", "layer4"))]
+    assert "does not improve on layer0's 30.0% along them, while layer6, past the skip from layer0" in found[0].message
+    assert "the labels go around these layers, not through them" in found[0].message
 
 
-def test_a_dead_segment_worse_than_its_entry_is_flagged_even_when_the_rescue_only_matches_the_entry():
+def test_the_papers_dead_half_is_flagged_though_the_rescue_only_matches_the_input():
     # the paper's pathological network: the input reads the labels well, the first half loses them, the
-    # second half (fed by a skip from the input) reads them about as well as the input again
-    found = findings([0.10, 0.14, 0.30, 0.60, 0.80, 0.09, 0.09])
-    assert [(f.kind, f.layers) for f in found if f.kind == "dead_segment"] == [
-        ("dead_segment", ("layer1", "layer2", "layer3", "layer4"))
-    ]
+    # second half (fed by a skip from the input) reads them about as well as the input again, no better
+    found = graph_findings([0.109, 0.14, 0.30, 0.60, 0.80, 0.114, 0.094], skip_graph(7, fork=0, join=5))
+    assert [(f.kind, f.layers) for f in found] == [("dead_segment", ("layer1", "layer2", "layer3", "layer4"))]
+    # after 500 steps: the first layer of the run is nearly as good as the input, nothing beats it beyond the
+    # intervals; the join still recovers what the end of the run lost
+    early = graph_findings([0.103, 0.146, 0.47, 0.77, 0.774, 0.114, 0.121], skip_graph(7, fork=0, join=5))
+    assert [(f.kind, f.layers) for f in early] == [("dead_segment", ("layer1", "layer2", "layer3", "layer4"))]
 
 
-def test_a_flat_stretch_that_nothing_later_beats_is_not_a_dead_segment():
-    assert [f for f in findings([0.30, 0.20, 0.20, 0.20, 0.20, 0.20]) if f.kind == "dead_segment"] == []
+def test_a_residual_branch_whose_join_improves_on_the_fork_is_healthy():
+    # the layers inside read worse than the block input (a residual is a correction, not a representation),
+    # but the block adds what they computed: nothing is dead
+    assert graph_findings([0.30, 0.35, 0.40, 0.38, 0.10, 0.08], skip_graph(6, fork=0, join=4)) == []
 
 
-def test_a_short_flat_stretch_is_not_a_dead_segment():
-    assert [f.kind for f in findings([0.30, 0.30, 0.05], min_run=3)] == []
+def test_a_plateau_in_a_chain_is_no_dead_segment():
+    # without a skip, nothing went around the flat layers: deeper layers improving later is ordinary depth
+    assert [f.kind for f in findings([0.30, 0.31, 0.30, 0.32, 0.31, 0.05, 0.04])] == []
+
+
+def test_parallel_branches_are_not_one_path():
+    # an Inception-style module: two paths from the fork to the join (layer1..3 and layer4)
+    graph = skip_graph(6, fork=0, join=5, branches=[(4, 0)])
+    graph[4] = ("branch", ["layer0"])  # layer4 reads the fork, not layer3
+    graph[5] = ("main", ["layer3", "layer4"])
+    assert graph_findings([0.30, 0.31, 0.30, 0.32, 0.45, 0.29], graph) == []
+
+
+def test_branch_and_side_layers_are_not_held_to_their_ancestors():
+    # layer1 and layer2 are a residual branch, layer3 a gate: far worse than the input, as partial signals are
+    graph = [("main", []), ("branch", ["layer0"]), ("branch", ["layer1"]), ("side", ["layer0"]),
+             ("main", ["layer2", "layer0", "layer3"])]  # fmt: skip
+    assert graph_findings([0.10, 0.40, 0.45, 0.50, 0.09], graph) == []
+    worse_join = graph_findings([0.10, 0.40, 0.45, 0.50, 0.20], graph)
+    assert [(f.kind, f.layers) for f in worse_join] == [("non_monotonic", ("layer0", "layer4"))]
 
 
 def test_a_step_back_beyond_the_intervals_is_flagged_once_per_stretch():
@@ -71,11 +111,12 @@ def test_an_overfitting_probe_is_flagged():
 
 
 def planted_report() -> ProbeReport:
-    """Five layers, the middle three a dead segment (also used by test_sweep.py)."""
+    """Six layers, the middle three a dead segment that a skip from layer0 to layer4 goes around (also used by
+    test_sweep.py)."""
     layers = [
         LayerResult(f"layer{i}", "Relu", (4,), {"features_in": 4, "features_out": 4, "description": "none"},
-                    metrics(error), 10, "converged", 0.1, 1e-3, [], None)
-        for i, error in enumerate([0.30, 0.31, 0.30, 0.32, 0.05])
+                    metrics(error), 10, "converged", 0.1, 1e-3, [], None, role=role, parents=parents)
+        for i, (error, (role, parents)) in enumerate(zip([0.30, 0.31, 0.30, 0.32, 0.29, 0.05], skip_graph(6, 0, 4)))
     ]  # fmt: skip
     return ProbeReport(layers, [0, 1], {"train": 4000, "valid": 1000, "test": 1000})
 

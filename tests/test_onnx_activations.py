@@ -290,8 +290,12 @@ def test_default_layers_of_a_mobilenet_v3_block_are_the_activations_outputs(tmp_
     layers = OnnxSource(save_mobilenet_v3_block(tmp_path / "mbv3.onnx", rng)).layers()
     defaults = {layer.name: layer.op_type for layer in layers if layer.default}
     assert defaults == {
-        "x": "Input", "hswish1": "HardSwish", "hswish2": "HardSwish", "se_pool": "GlobalAveragePool",
-        "se_relu": "Relu", "se_gate": "HardSigmoid", "residual": "Add", "pool": "GlobalAveragePool", "logits": "Gemm",
+        "x": "Input", "hswish1": "HardSwish", "hswish2": "HardSwish", "residual": "Add",
+        "pool": "GlobalAveragePool", "logits": "Gemm",
     }  # fmt: skip
+    roles = {layer.name: layer.role for layer in layers}
+    # the squeeze-and-excitation gate only modulates the block: a side branch, there for --layers, not a default
+    assert {roles[name] for name in ("se_pool", "se_relu", "se_gate")} == {"side"} and roles["se_gate"] == "side"
+    assert roles["hswish2"] == roles["excited"] == "branch" and roles["residual"] == roles["x"] == "main"
     listed = {layer.name for layer in layers}
     assert {"hs1_clip", "hsig_clip", "project_biased", "excited"} <= listed  # still there for --layers, not defaults

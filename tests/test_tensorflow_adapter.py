@@ -90,3 +90,24 @@ def test_a_missing_tensorflow_gives_one_line_naming_the_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "tensorflow", None)
     with pytest.raises(probecore.ExtraNotInstalledError, match=r"^TensorFlow is not installed; install it with: pip install 'probecore\[tf\]'$"):
         probe_tf.export(object(), "never.onnx")
+
+
+def test_a_keras_models_input_is_pooled_channels_last_on_a_task_defined_by_the_colours(tmp_path, rng):
+    # 96 x 96 x 3 images whose class is their brightest colour: pooled as channels-first (C = 96, H = 96, W = 3)
+    # the colours are averaged together and the input reads nothing; pooled over H and W it reads them all
+    keras.utils.set_random_seed(0)
+    image = keras.Input((96, 96, 3), name="image")
+    x = keras.layers.Rescaling(1 / 255, name="scale")(image)
+    x = keras.layers.Conv2D(4, 3, strides=4, activation="relu", name="conv")(x)
+    model = keras.Model(image, keras.layers.Dense(3, name="logits")(keras.layers.GlobalAveragePooling2D(name="gap")(x)))
+    labels = rng.integers(0, 3, 300)
+    images = rng.uniform(0, 150, (300, 96, 96, 3)).astype(np.float32)
+    images[np.arange(300), :, :, labels] += 60
+    source = OnnxSource(probe_tf.export(model, tmp_path / "colours.onnx"))
+    assert {layer.name: layer.layout for layer in source.layers()}["image"] == "channels_last"
+    policy = probecore.ReductionPolicy(max_features=1024)
+    report = probecore.run_probes(source, probecore.split_dataset(images, labels), ["image"], policy,
+                                  probecore.FitOptions(l2=1e-3))  # fmt: skip
+    (layer,) = report.layers
+    assert layer.reduction["layout"] == "channels_last" and layer.reduction["description"] == "avgpool 6x6"
+    assert layer.metrics["test"].error < 0.05

@@ -135,7 +135,7 @@ def test_transformer_layers_are_pooled_over_real_tokens_only(tokens, tmp_path, r
     x = probecore.pack_inputs(input_ids=ids, attention_mask=mask)
     dataset = probecore.split_dataset(np.concatenate([x] * 4), np.arange(4 * n) % 3)
     extracted = probecore.extract_features(source, dataset, [layer], probecore.ReductionPolicy(tokens=tokens))
-    assert extracted.reductions[block].tokens == tokens and not extracted.reduced_by_source
+    assert extracted.reductions[block].tokens == tokens  # pooled in the graph or on the host: the same features
     # reference: each sequence alone, unpadded, through torch; padding must change nothing
     hooks = {}
     module = dict(model.named_modules())[block]
