@@ -6,7 +6,7 @@ solver in ``probe.py`` only sees a callable. Compute is float32 (numpy's BLAS), 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -31,22 +31,43 @@ KERNELS = ("auto", "fused", "blas")
 class SoftmaxLoss:
     """Mean cross-entropy of ``softmax(X @ W + b)`` plus ``l2 / 2 * ||W||^2`` (the bias is not penalized).
 
-    Parameters travel as one flat float64 vector ``[W.ravel(), b]`` for scipy's optimizers. ``kernel``:
-    ``"fused"`` (``softmax_kernel``, one pass over the features), ``"blas"`` (two numpy products), or
-    ``"auto"``, the one measured faster for this shape (``prefers_fused``).
+    Parameters travel as one flat float64 vector ``[W.ravel(), b]`` (W is (d, C), row-major) for scipy's
+    optimizers. ``kernel``: ``"fused"`` (``softmax_kernel``, one pass over the features), ``"blas"`` (two
+    numpy products), or ``"auto"``, the one measured faster for this shape (``prefers_fused``).
+    ``value_and_grad`` reads the parameters where they are (views, no float32 copy) and the fused kernel
+    writes the gradient, L2 term included, straight into the one array it returns.
     """
 
-    features: np.ndarray  # (N, d) float32, C-contiguous
+    features: np.ndarray  # (N, d) float32, C-contiguous (converted once here if it is not)
     labels: np.ndarray  # (N,) int64 in [0, n_classes)
     n_classes: int
     l2: float
     kernel: str = "auto"
+    # with few features, the fused kernel's copy of them, transposed block by block (``transposed``): made
+    # here, so later changes to ``features`` do not reach it
+    _transposed_blocks: np.ndarray | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self):
         if self.kernel not in KERNELS:
             raise ValueError(f"kernel must be one of {', '.join(KERNELS)}, got {self.kernel!r}")
+        self.features = np.ascontiguousarray(self.features, dtype=np.float32)
+        self.labels = np.ascontiguousarray(self.labels, dtype=np.int64)
+        if self.features.ndim != 2 or self.features.shape[0] == 0 or self.features.shape[1] == 0:
+            raise ValueError(f"features must be a non-empty (N, d) array, got shape {self.features.shape}")
+        if self.labels.shape != (self.features.shape[0],):
+            raise ValueError(f"labels must have shape ({self.features.shape[0]},), got {self.labels.shape}")
+        if self.n_classes < 1:
+            raise ValueError(f"n_classes must be at least 1, got {self.n_classes}")
+        if self.labels.min() < 0 or self.labels.max() >= self.n_classes:  # the kernel indexes with them
+            raise ValueError(
+                f"labels must lie in [0, {self.n_classes}), got {self.labels.min()} to {self.labels.max()}"
+            )
         if self.kernel == "auto":
             self.kernel = "fused" if prefers_fused(*self.features.shape, self.n_classes) else "blas"
+        if self.kernel == "fused" and transposed(self.features.shape[1]):
+            from .softmax_kernel import transpose_blocks
+
+            self._transposed_blocks = transpose_blocks(self.features, self.n_classes)
 
     def unpack(self, params: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         n_features = self.features.shape[1]
@@ -54,40 +75,64 @@ class SoftmaxLoss:
         return weights.astype(np.float32), params[n_features * self.n_classes :].astype(np.float32)
 
     def value_and_grad(self, params: np.ndarray) -> tuple[float, np.ndarray]:
-        weights, bias = self.unpack(params)
-        loss, grad_weights, grad_bias = (self._fused if self.kernel == "fused" else self._two_pass)(weights, bias)
-        flat_weights = params[: weights.size]
-        grad_weights = grad_weights.ravel() + self.l2 * flat_weights
-        penalty = 0.5 * self.l2 * float(np.dot(flat_weights, flat_weights))
-        return loss + penalty, np.concatenate([grad_weights, grad_bias])
+        params = np.ascontiguousarray(params, dtype=np.float64)  # scipy's already is: no copy
+        n_weights = self.features.shape[1] * self.n_classes
+        flat_weights = params[:n_weights]
+        weights, bias = flat_weights.reshape(-1, self.n_classes), params[n_weights:]
+        grad = np.empty(len(params))
+        grad_weights, grad_bias = grad[:n_weights].reshape(-1, self.n_classes), grad[n_weights:]
+        if self.kernel == "fused":
+            kernel, features = self._fused_kernel()
+            return kernel(features, self.labels, weights, bias, self.l2, grad_weights, grad_bias), grad
+        loss = self._two_pass(weights, bias, grad_weights, grad_bias)
+        if self.l2:
+            grad_weights += self.l2 * weights
+            loss += 0.5 * self.l2 * float(np.dot(flat_weights, flat_weights))
+        return loss, grad
 
-    def _fused(self, weights, bias):
-        from .softmax_kernel import softmax_loss_grad  # numba: imported at the first fused evaluation
+    def _fused_kernel(self):
+        """The numba kernel for this shape, and the features in the layout it reads."""
+        from . import softmax_kernel  # numba: imported at the first fused evaluation
 
-        grad_weights = np.empty(weights.shape)
-        grad_bias = np.empty(self.n_classes)
-        loss = softmax_loss_grad(self.features, self.labels, weights, bias, grad_weights, grad_bias)
-        return loss, grad_weights, grad_bias
+        if self._transposed_blocks is None:
+            return softmax_kernel.softmax_loss_grad, self.features
+        return softmax_kernel.softmax_loss_grad_transposed, self._transposed_blocks
 
-    def _two_pass(self, weights, bias):
+    def _two_pass(self, weights, bias, grad_weights, grad_bias) -> float:
         n_samples = len(self.labels)
-        log_probs = log_softmax(self.features @ weights + bias)
+        log_probs = log_softmax(self.features @ weights.astype(np.float32) + bias.astype(np.float32))
         rows = np.arange(n_samples)
         loss = -log_probs[rows, self.labels].sum(dtype=np.float64) / n_samples
         residual = np.exp(log_probs)
         residual[rows, self.labels] -= 1.0
         residual /= n_samples
-        return loss, (self.features.T @ residual).astype(np.float64), residual.sum(axis=0, dtype=np.float64)
+        grad_weights[...] = self.features.T @ residual
+        residual.sum(axis=0, dtype=np.float64, out=grad_bias)
+        return float(loss)
 
 
-FUSED_MAX_CLASSES = 32
+TRANSPOSED_MAX_FEATURES = 128
+# The fused kernel keeps its weights and gradient sums, (C - 1) x d float32 each, in cache with a block of
+# rows (of logits, in the transposed layout); past these sizes the two-pass BLAS version, whose products
+# are then wide enough for BLAS, is faster (benchmarks/README.md, where L2 is 1 MiB a core).
+FUSED_MAX_WEIGHTS = 192 * 1024
+FUSED_MAX_WEIGHTS_TRANSPOSED = 96 * 1024
+
+
+def transposed(n_features: int) -> bool:
+    """Whether the fused kernel runs on a transposed copy of the features (``softmax_kernel``,
+    ``softmax_loss_grad_transposed``): with few features a row's dot products are too short to run at speed.
+    Measured 2 to 3 times faster at 32 to 64 features, 1.1 to 1.6 times at 128 (even with 2 classes), about
+    even from 192 to 384 (slower with 2 classes), slower beyond."""
+    return n_features <= TRANSPOSED_MAX_FEATURES
 
 
 def prefers_fused(n_samples: int, n_features: int, n_classes: int) -> bool:
-    """Whether the fused kernel beats the two-pass one at this shape, single-threaded (benchmarks/README.md):
-    up to a few dozen classes it saves a pass over the features; with more, its per-class exp and
-    normalisation loops (scalar in numba, vectorized in numpy) cost more than that pass."""
-    return n_classes <= FUSED_MAX_CLASSES
+    """Whether the fused kernel beats the two-pass one at this shape, single-threaded (benchmarks/README.md,
+    "Softmax kernel against the machine's limits"): from 2 classes to a few hundred, to 1000 with 64
+    features; the two-pass one from about 100 classes at 2048 features."""
+    limit = FUSED_MAX_WEIGHTS_TRANSPOSED if transposed(n_features) else FUSED_MAX_WEIGHTS
+    return (n_classes - 1) * n_features <= limit
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,6 @@ import pytest
 from onnx_models import save_open_convnet
 from test_cli import invoke
 
-import probecore
 from probecore.backends.onnx_source import OnnxSource
 from probecore.errors import ModelError
 

@@ -1,7 +1,6 @@
-"""fit_probe against scikit-learn's LogisticRegression, the regularization path, early stopping, fitting
-several layers at once, and the fitted Probe's methods."""
+"""fit_probe against scikit-learn's LogisticRegression, the regularization path, settled fits, fitting
+several layers at once, and the fitted Probe's methods (test_path_guarantees.py: what the path promises)."""
 
-import dataclasses
 
 import numpy as np
 import pytest
@@ -77,13 +76,13 @@ def test_fit_without_validation_reaches_sklearn_optimum(n, d, c, l2, kernel):
 
 
 @pytest.mark.parametrize("n, d, c", [(600, 8, 3), (1500, 10, 12)])
-def test_early_stopping_is_recorded_and_tests_as_well_as_sklearn(n, d, c):
+def test_a_settled_fit_is_recorded_and_tests_as_well_as_sklearn(n, d, c):
     rng = np.random.default_rng([2, n, d, c])
     features, labels = _linear_data(rng, 2 * n, d, c)
     train, valid, test = slice(0, n), slice(n, n + n // 2), slice(n + n // 2, None)
     l2 = 1e-3
     probe = fit_probe(features[train], labels[train], c, features[valid], labels[valid], FitOptions(l2=l2, patience=5))
-    assert probe.stop_reason in ("converged", "early_stopping", "max_iter", "line_search_failed")
+    assert probe.stop_reason in ("converged", "settled", "line_search_failed")
     assert 1 <= probe.n_iter <= 1000
 
     std_train, std_test = _standardize(features[train], features[test])
@@ -92,33 +91,18 @@ def test_early_stopping_is_recorded_and_tests_as_well_as_sklearn(n, d, c):
     assert probe.evaluate(features[test], labels[test]).error == pytest.approx(sk_error, abs=0.01)
 
 
-def test_a_single_strength_is_fitted_to_its_optimum_whatever_the_validation_split():
-    # One strength: the validation split is scored, never used to stop, so the probe is the optimum at that
-    # strength, the one the report names, even on this overfitting problem where early iterates score better.
+def test_a_single_strength_is_fitted_near_its_optimum_not_stopped_at_the_best_validation_iterate():
+    # On this overfitting problem early iterates score better on validation; a settled fit goes on to the
+    # optimum at the strength the report names (the validation split only says when nothing moves any more).
     rng = np.random.default_rng(3)
     features, labels = _linear_data(rng, 260, 60, 3, noise=3.0)
     train, valid = slice(0, 160), slice(160, None)
-    options = FitOptions(l2=1e-4, max_iter=300)
-    watched = fit_probe(features[train], labels[train], 3, features[valid], labels[valid], options)
-    plain = fit_probe(features[train], labels[train], 3, options=options)
-    assert watched.n_iter == plain.n_iter and watched.stop_reason == plain.stop_reason
-    np.testing.assert_array_equal(watched.weights, plain.weights)
-    assert watched.path[0].valid_loss == pytest.approx(watched.evaluate(features[valid], labels[valid]).loss, rel=1e-5)
+    watched = fit_probe(features[train], labels[train], 3, features[valid], labels[valid], FitOptions(l2=1e-4))
+    plain = fit_probe(features[train], labels[train], 3, options=FitOptions(l2=1e-4, tol=1e-10, max_iter=5000))
+    ours, optimum = (probe.evaluate(features[valid], labels[valid]).loss for probe in (watched, plain))
+    assert watched.stop_reason == "settled" and ours == pytest.approx(optimum, rel=0.005)
+    assert watched.path[0].valid_loss == pytest.approx(ours, rel=1e-5)
     assert plain.path[0].valid_loss is None
-
-
-def test_early_stopping_cuts_off_a_weaker_strength_that_cannot_win():
-    rng = np.random.default_rng(4)
-    features, labels = _linear_data(rng, 300, 80, 2, noise=4.0)  # more features than train samples
-    train, valid = slice(0, 60), slice(60, None)
-    fit_data = (features[train], labels[train], 2, features[valid], labels[valid])
-    options = FitOptions(l2=(1e-1, 1e-6), tol=1e-9)  # a tight tolerance: the weak fit would run long
-    strong, weak = fit_probe(*fit_data, options).path
-    assert strong.stop_reason == "converged"
-    assert weak.stop_reason == "early_stopping" and weak.valid_loss > strong.valid_loss
-    _, uncut = fit_probe(*fit_data, dataclasses.replace(options, patience=10**6)).path
-    assert uncut.stop_reason == "converged" and uncut.valid_loss > strong.valid_loss  # it could not have won
-    assert weak.n_iter < uncut.n_iter  # and was stopped before it converged
 
 
 def test_constant_features_give_finite_probes_equal_to_fits_without_them():
@@ -196,8 +180,8 @@ def test_the_path_keeps_the_strength_with_the_lowest_validation_loss():
 
 
 def test_the_path_stops_once_a_weaker_strength_does_no_better():
-    # 200 noisy samples: validation loss falls down to l2 = 1e-2; 1e-3 cannot improve on the weights it
-    # starts from (early stopping keeps them), so weaker strengths are never tried
+    # 200 noisy samples: validation loss falls down to l2 = 1e-2; 1e-3's settled fit does worse, so weaker
+    # strengths are never tried
     x_train, y_train, x_valid, y_valid = _path_problem(12, n=200, noise=3.0)
     probe = fit_probe(x_train, y_train, 5, x_valid, y_valid, FitOptions(l2=(1.0, 1e-1, 1e-2, 1e-3, 1e-4, 1e-5)))
     losses = [point.valid_loss for point in probe.path]
@@ -209,8 +193,8 @@ def test_the_path_stops_once_a_weaker_strength_does_no_better():
 def test_warm_starts_make_the_path_cheaper_than_fitting_each_strength_from_zero():
     x_train, y_train, x_valid, y_valid = _path_problem(13, d=100, noise=1.0)
     grid = (1e-2, 1e-3, 1e-4)
-    path = fit_probe(x_train, y_train, 5, x_valid, y_valid, FitOptions(l2=grid, patience=10_000))
-    cold = [fit_probe(x_train, y_train, 5, x_valid, y_valid, FitOptions(l2=l2, patience=10_000)) for l2 in grid]
+    path = fit_probe(x_train, y_train, 5, x_valid, y_valid, FitOptions(l2=grid))
+    cold = [fit_probe(x_train, y_train, 5, x_valid, y_valid, FitOptions(l2=l2)) for l2 in grid]
     assert [point.l2 for point in path.path] == list(grid)
     assert path.path[0].n_iter == cold[0].n_iter  # the first strength starts from zero either way
     for warm, alone in zip(path.path[1:], cold[1:]):

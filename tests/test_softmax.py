@@ -4,13 +4,16 @@ import numpy as np
 import pytest
 
 import reference as ref
-from probecore.softmax import SoftmaxLoss, log_softmax, mean_cross_entropy, split_metrics
+from probecore.softmax import SoftmaxLoss, log_softmax, mean_cross_entropy, prefers_fused, split_metrics
 
-# (N, d, C, l2); the fused kernel works in blocks of 262144 / d rows (16 to 1024), so the last two cases
-# span several blocks and end in a partial one
+# (N, d, C, l2). The fused kernel takes rows in blocks of 65536 / d (4 to 1024, whole tiles of 4 rows; N
+# below a block, several blocks ending in a partial one and a partial tile of 1 to 3 rows), C - 1 classes in
+# tiles of 4, 3, 2 or 1 (C = 2 to 1000) and d in a loop that LLVM vectorizes 16 wide (d = 1 to 777, most of
+# them not multiples of 16); 3001 x 40 flushes its float32 gradient sums to float64 three times.
 LOSS_CASES = [
-    (1, 1, 2, 0.0), (20, 3, 2, 0.1), (50, 7, 3, 1e-3), (200, 16, 10, 1e-2), (64, 5, 50, 0.5),
-    (2500, 300, 7, 1e-3), (3001, 40, 2, 0.0),
+    (1, 1, 2, 0.0), (3, 5, 2, 0.0), (20, 3, 2, 0.1), (50, 7, 3, 1e-3), (200, 16, 10, 1e-2), (64, 5, 50, 0.5),
+    (2500, 300, 7, 1e-3), (3001, 40, 2, 0.0), (1030, 33, 11, 1e-3), (77, 777, 6, 0.0), (41, 100, 5, 0.0),
+    (300, 24, 8, 1e-2), (130, 48, 13, 0.0), (9, 17, 1000, 1e-3), (300, 70, 1000, 0.0),
 ]  # fmt: skip
 KERNELS = ["fused", "blas"]
 
@@ -35,6 +38,119 @@ def test_value_and_grad_match_float64_reference(n, d, c, l2, kernel):
     np.testing.assert_allclose(value, ref_value, rtol=1e-5)
     ref_grad = np.concatenate([ref_grad_w.ravel(), ref_grad_b])
     np.testing.assert_allclose(grad, ref_grad, rtol=1e-4, atol=1e-5 * np.abs(ref_grad).max())
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("label", ["first", "last"])
+@pytest.mark.parametrize("n, d, c", [(1, 4, 2), (37, 19, 2), (300, 50, 10), (11, 9, 1000)])
+def test_labels_all_in_one_class_match_float64_reference(n, d, c, label, kernel):
+    # The fused kernel computes the last class's gradient from the others'; all labels in it, or in the
+    # first class, are the lopsided cases.
+    rng = np.random.default_rng([12, n, d, c])
+    loss, params = _problem(rng, n, d, c, 1e-3, kernel=kernel)
+    loss.labels[:] = 0 if label == "first" else c - 1
+    value, grad = loss.value_and_grad(params)
+    weights, bias = params[: d * c].reshape(d, c), params[d * c :]
+    ref_value, ref_grad_w, ref_grad_b = ref.softmax_objective(loss.features, loss.labels, weights, bias, 1e-3)
+    np.testing.assert_allclose(value, ref_value, rtol=1e-5)
+    ref_grad = np.concatenate([ref_grad_w.ravel(), ref_grad_b])
+    np.testing.assert_allclose(grad, ref_grad, rtol=1e-4, atol=1e-5 * np.abs(ref_grad).max())
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_value_and_grad_leaves_params_alone_and_returns_a_fresh_gradient(kernel):
+    rng = np.random.default_rng(13)
+    loss, params = _problem(rng, 50, 6, 4, 0.1, kernel=kernel)
+    before = params.copy()
+    first = loss.value_and_grad(params)[1]
+    second = loss.value_and_grad(params)[1]
+    np.testing.assert_array_equal(params, before)
+    assert first is not second and not np.shares_memory(first, params)
+    np.testing.assert_array_equal(first, second)
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("n_features", [8, 200], ids=["transposed", "rows"])
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_non_finite_features_give_a_nan_loss(kernel, n_features, bad):
+    rng = np.random.default_rng(14)
+    features = rng.standard_normal((40, n_features)).astype(np.float32)
+    features[17, 3] = bad
+    loss = SoftmaxLoss(features, rng.integers(0, 5, 40), 5, 0.0, kernel)
+    with np.errstate(invalid="ignore"):
+        value, _ = loss.value_and_grad(rng.standard_normal(n_features * 5 + 5) * 0.1)
+    assert np.isnan(value)
+
+
+def _kernel_objective(layout, features, labels, weights, bias, l2):
+    from probecore import softmax_kernel
+
+    grad_weights, grad_bias = np.empty(weights.shape), np.empty(len(bias))
+    if layout == "rows":
+        value = softmax_kernel.softmax_loss_grad(features, labels, weights, bias, l2, grad_weights, grad_bias)
+    else:
+        blocks = softmax_kernel.transpose_blocks(features, len(bias))
+        value = softmax_kernel.softmax_loss_grad_transposed(blocks, labels, weights, bias, l2, grad_weights, grad_bias)
+    return value, grad_weights, grad_bias
+
+
+@pytest.mark.parametrize("layout", ["rows", "transposed"])
+@pytest.mark.parametrize("n, d, c, l2", LOSS_CASES + [(1500, 130, 200, 1e-3), (2100, 9, 130, 0.0)])
+def test_both_kernel_layouts_match_float64_reference(n, d, c, l2, layout):
+    # SoftmaxLoss picks one layout by d (softmax.transposed); each must hold at every shape. The transposed
+    # one takes blocks of 1008 rows (496 past 128 classes): 1500 and 2100 rows end in partial blocks.
+    rng = np.random.default_rng([17, n, d, c])
+    features = rng.standard_normal((n, d)).astype(np.float32)
+    labels = rng.integers(0, c, size=n)
+    weights, bias = rng.standard_normal((d, c)) * 0.5, rng.standard_normal(c) * 0.5
+    value, grad_weights, grad_bias = _kernel_objective(layout, features, labels, weights, bias, l2)
+    ref_value, ref_grad_w, ref_grad_b = ref.softmax_objective(features, labels, weights, bias, l2)
+    np.testing.assert_allclose(value, ref_value, rtol=1e-5)
+    ref_grad = np.concatenate([ref_grad_w.ravel(), ref_grad_b])
+    grad = np.concatenate([grad_weights.ravel(), grad_bias])
+    np.testing.assert_allclose(grad, ref_grad, rtol=1e-4, atol=1e-5 * np.abs(ref_grad).max())
+
+
+@pytest.mark.parametrize(
+    "features, labels, n_classes, match",
+    [
+        (np.zeros((0, 3)), np.zeros(0, int), 2, "non-empty"),
+        (np.zeros(3), np.zeros(3, int), 2, "non-empty"),
+        (np.zeros((3, 2)), np.zeros(2, int), 2, r"labels must have shape \(3,\)"),
+        (np.zeros((3, 2)), np.array([0, 1, 2]), 2, r"labels must lie in \[0, 2\), got 0 to 2"),
+        (np.zeros((3, 2)), np.array([0, -1, 1]), 2, "got -1 to 1"),
+        (np.zeros((3, 2)), np.zeros(3, int), 0, "n_classes must be at least 1"),
+    ],
+)
+def test_bad_inputs_are_refused_before_any_kernel_runs(features, labels, n_classes, match):
+    with pytest.raises(ValueError, match=match):
+        SoftmaxLoss(features, labels, n_classes, 0.0, "fused")
+
+
+def test_features_are_converted_once_to_contiguous_float32():
+    rng = np.random.default_rng(15)
+    features = rng.standard_normal((30, 8))[:, ::2]  # float64, not contiguous
+    loss = SoftmaxLoss(features, rng.integers(0, 3, 30), 3, 0.0, "fused")
+    assert loss.features.dtype == np.float32 and loss.features.flags.c_contiguous
+    params = rng.standard_normal(4 * 3 + 3)
+    ref_value = ref.softmax_objective(loss.features, loss.labels, params[:12].reshape(4, 3), params[12:], 0.0)[0]
+    np.testing.assert_allclose(loss.value_and_grad(params)[0], ref_value, rtol=1e-5)
+
+
+def test_exp_kernel_matches_float64_exp():
+    from probecore.softmax_kernel import _exp_nonpositive
+
+    rng = np.random.default_rng(16)
+    values = np.concatenate([-rng.exponential(5.0, 5000), rng.uniform(-87, 0, 5000), [0.0, -1e-30, -86.99]])
+    values = values.astype(np.float32)
+    result = values.copy()
+    _exp_nonpositive(result, np.empty(len(values), np.int32))
+    np.testing.assert_allclose(result, np.exp(values.astype(np.float64)), rtol=5e-7, atol=0)
+    below = np.array([-87.5, -100.0, -1e4, -np.inf, np.nan], np.float32)  # clamped to exp(-87), NaN kept
+    result = below.copy()
+    _exp_nonpositive(result, np.empty(len(below), np.int32))
+    np.testing.assert_allclose(result[:4], np.exp(-87.0), rtol=1e-6)
+    assert np.isnan(result[4])
 
 
 def test_bias_is_not_penalized():
@@ -96,6 +212,10 @@ def test_huge_logits_give_finite_loss_and_gradient(kernel):
 def test_auto_picks_a_kernel_and_an_unknown_one_is_refused():
     rng = np.random.default_rng(10)
     assert _problem(rng, 10, 3, 2, 0.0)[0].kernel in KERNELS
+    assert prefers_fused(20000, 512, 10) and prefers_fused(50000, 4096, 2) and prefers_fused(20000, 256, 32)
+    assert prefers_fused(20000, 64, 10) and prefers_fused(5000, 64, 1000)
+    assert not prefers_fused(5000, 512, 1000) and not prefers_fused(20000, 2048, 100)
+    assert not prefers_fused(5000, 128, 1000)
     with pytest.raises(ValueError, match="kernel must be one of"):
         _problem(rng, 10, 3, 2, 0.0, kernel="gpu")
 
