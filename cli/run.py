@@ -63,7 +63,7 @@ def run_command(
         show_default=False,
     ),
     seed: int = typer.Option(0, min=0, help="Seed for the data split and the random feature subsets."),
-    valid_fraction: float = typer.Option(0.1, help="Share of the samples held out for early stopping (x/y data)."),
+    valid_fraction: float = typer.Option(0.1, help="Share of the samples held out to choose the L2 strength (x/y data)."),
     test_fraction: float = typer.Option(0.2, help="Share of the samples held out for testing (x/y data)."),
     device: str = typer.Option("auto", help="auto (CUDA when it works), cpu, or cuda."),
     cache_dir: Path = typer.Option(

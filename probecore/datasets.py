@@ -229,9 +229,12 @@ def _stratified_rows(codes: np.ndarray, fractions: list[float], seed: int) -> li
 
 
 def _split_sizes(class_size: int, fractions: list[float]) -> list[int]:
-    """How many of a class's samples each fraction takes (rounded), then the rest: one rounding for the split
-    and for the error that says how large a class must be."""
+    """How many of a class's samples each fraction takes (rounded), then the rest, which keeps at least one
+    (a class the probe never trains on cannot be predicted): one rounding for the split and for the error that
+    says how large a class must be."""
     sizes = [int(round(class_size * fraction)) for fraction in fractions]
+    while class_size and sum(sizes) >= class_size:  # e.g. 4 samples at 0.375 and 0.375: 2 + 2, none left
+        sizes[sizes.index(max(sizes))] -= 1
     return [*sizes, class_size - sum(sizes)]
 
 

@@ -1,5 +1,5 @@
-"""Fitting linear softmax probes: L-BFGS on the convex loss along a path of L2 strengths, early stopping on
-the validation split, and several layers' probes at once."""
+"""Fitting linear softmax probes: L-BFGS on the convex loss along a path of L2 strengths, each fit run until
+the probe has settled on the validation split, and several layers' probes at once."""
 
 from __future__ import annotations
 

@@ -17,7 +17,7 @@ def log_softmax(logits: np.ndarray) -> np.ndarray:
 
 
 def mean_cross_entropy(logits: np.ndarray, labels: np.ndarray) -> float:
-    """``split_metrics(log_softmax(logits), labels).loss`` without the rest: early stopping's per-iteration
+    """``split_metrics(log_softmax(logits), labels).loss`` without the rest: the settled test's per-iteration
     check, where the loss is all that is needed."""
     largest = logits.max(axis=1)
     log_norm = np.log(np.exp(logits - largest[:, None]).sum(axis=1)) + largest

@@ -354,3 +354,10 @@ def test_only_one_of_x_valid_and_y_valid_is_a_data_error(tmp_path, present):
 def test_non_integer_float_labels_are_a_data_error(tmp_path, arrays):
     with pytest.raises(DataError, match="non-integer"):
         load_dataset(_save(tmp_path, **arrays))
+
+
+def test_every_class_keeps_a_training_sample_whatever_the_fractions():
+    # found by hypothesis: 4 samples of a class at valid and test fractions 0.375 rounded to 2 + 2, none to train
+    labels = np.array([0, 1, 1, 1, 1, 0, 0])
+    dataset = split_dataset(np.arange(7.0)[:, None], labels, 0.375, 0.375, seed=0)
+    assert set(dataset.train.y.tolist()) == {0, 1}
