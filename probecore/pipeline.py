@@ -203,8 +203,8 @@ def _extract(source, dataset, inputs, layers, policy, batch_size, progress, cach
     by_source = isinstance(source, ReducingSource)
     reduced_in = {name: "model" if by_source and source.can_reduce(reductions[name]) else "host" for name in names}
     identity = source.identity() if cache is not None else None
-    extracted = ExtractedFeatures({name: {} for name in names}, reductions, reduced_in=reduced_in)
-    extracted.cached = identity is not None
+    cached = identity is not None
+    extracted = ExtractedFeatures({name: {} for name in names}, reductions, reduced_in=reduced_in, cached=cached)
     data_keys = {name: _data_key(x) for name, x in inputs.items()} if extracted.cached else {}  # hashed once per split
     step = layers_per_pass or len(names)
     groups = [names[start : start + step] for start in range(0, len(names), step)]
@@ -281,8 +281,10 @@ def _reduced_batches(source, names, reductions, scores, reduced_in, batch_size):
         for batch in stream:
             reduced = {}
             for name in names:
-                host = name not in in_model
-                reduced[name] = reductions[name].apply(batch[name], batch.get(reductions[name].mask_input)) if host else batch[name]
+                values = batch[name]
+                if name not in in_model:
+                    values = reductions[name].apply(values, batch.get(reductions[name].mask_input))
+                reduced[name] = values
             if scores is not None:
                 n_batch = len(reduced[names[0]])
                 reduced[SCORES] = np.asarray(batch[scores.name], np.float32).reshape(n_batch, -1)
