@@ -18,7 +18,6 @@ within 0.5 %), test errors. Guards: those two targets, and the test error within
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 
 import probecore
