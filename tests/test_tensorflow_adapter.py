@@ -111,3 +111,26 @@ def test_a_keras_models_input_is_pooled_channels_last_on_a_task_defined_by_the_c
     (layer,) = report.layers
     assert layer.reduction["layout"] == "channels_last" and layer.reduction["description"] == "avgpool 6x6"
     assert layer.metrics["test"].error < 0.05
+
+
+def test_a_plain_tf2onnx_export_gets_its_composite_activations_and_layout_from_the_graph(tmp_path):
+    # a file converted by someone else with tf2onnx, not through the adapter: no layer metadata, so the
+    # activations Keras wrote out of elementary ops and the NHWC input are read from the graph itself
+    import onnx
+    import tf2onnx
+
+    keras.utils.set_random_seed(0)
+    image = keras.Input((16, 16, 3), name="image")
+    x = keras.layers.Conv2D(8, 3, activation="hard_swish", name="conv")(image)
+    x = keras.layers.Conv2D(8, 3, activation="swish", name="conv2")(x)
+    x = keras.layers.GlobalAveragePooling2D(name="gap")(keras.layers.Identity()(x))
+    model = keras.Model(image, keras.layers.Dense(3, activation="hard_sigmoid", name="dense")(x))
+    spec = (tf.TensorSpec((None, 16, 16, 3), tf.float32, name="image"),)
+    proto, _ = tf2onnx.convert.from_keras(model, input_signature=spec, opset=17)
+    onnx.save(proto, str(tmp_path / "plain.onnx"))
+    layers = OnnxSource(tmp_path / "plain.onnx").layers()
+    defaults = [(layer.op_type, layer.role) for layer in layers if layer.default]
+    assert defaults == [("Input", "main"), ("HardSwish", "main"), ("Swish", "main"), ("GlobalAveragePool", "main"),
+                        ("HardSigmoid", "main")]  # fmt: skip
+    assert layers[0].layout == "channels_last"
+    assert not any(layer.default for layer in layers if layer.op_type in ("Clip", "Sigmoid"))  # inside them
