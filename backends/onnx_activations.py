@@ -35,7 +35,9 @@ class _Graph:
     outputs: set
 
 
-def composite_activations(graph: onnx.GraphProto) -> tuple[dict[str, str], set[str]]:
+def composite_activations(
+    graph: onnx.GraphProto, constants: set[str] | None = None
+) -> tuple[dict[str, str], set[str]]:
     """(exit tensor -> kind, tensors internal to the islands), for each activation island with a single exit.
 
     Kinds: "HardSwish", "HardSigmoid", "Swish", "Gelu", "Mish", "Clip" (relu6 written as Min/Max/Relu),
@@ -47,7 +49,8 @@ def composite_activations(graph: onnx.GraphProto) -> tuple[dict[str, str], set[s
         for name in node.input:
             consumers[name].append(index)
     producer = {out: index for index, node in enumerate(nodes) for out in node.output if out}
-    facts = _Graph(nodes, constant_tensors(graph), producer, consumers, {value.name for value in graph.output})
+    constants = constant_tensors(graph) if constants is None else constants  # the caller's, when it has them
+    facts = _Graph(nodes, constants, producer, consumers, {value.name for value in graph.output})
     kind_by_exit, internal = {}, set()
     for index, node in enumerate(nodes):
         seen = node.output[0] in facts.constants or node.output[0] in internal or node.output[0] in kind_by_exit

@@ -276,12 +276,12 @@ def candidate_layers(model: onnx.ModelProto) -> list[LayerInfo]:
     named_layers, others_default = named.get("layers", {}), named.get("others_default", True)
     typed = {value.name: value for value in [*graph.value_info, *graph.output]}
     constants = onnx_activations.constant_tensors(graph)
-    composite, inside_composite = onnx_activations.composite_activations(graph)
+    composite, inside_composite = onnx_activations.composite_activations(graph, constants)
     outputs = {value.name for value in graph.output}
     mask = mask_input(inputs)
     flow = onnx_topology.DataFlow(graph, constants, [value.name for value in inputs if value.name != mask])
 
-    found = []  # (LayerInfo without its place in the data flow, whether it may be a default pick)
+    found = []  # each tensor's LayerInfo, before its place in the data flow is known
     for source in inputs:  # numeric inputs are layers too: the raw-input baseline
         input_dims, kind = tensor_dims(source), numpy_dtype(source).kind
         if kind in "iuf" and input_dims and len(input_dims) >= 2:

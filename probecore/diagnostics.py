@@ -54,7 +54,9 @@ class DiagnosticOptions:
 
 
 def diagnose(
-    names: Sequence[str], metrics: Sequence[dict[str, SplitMetrics]], options: DiagnosticOptions = DiagnosticOptions(),
+    names: Sequence[str],
+    metrics: Sequence[dict[str, SplitMetrics]],
+    options: DiagnosticOptions = DiagnosticOptions(),
     graph: Sequence[tuple[str | None, Sequence[str]]] | None = None,
 ) -> list[Finding]:
     """Every finding for layers ``names`` with their ``metrics`` (split name -> SplitMetrics), in model order.

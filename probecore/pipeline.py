@@ -185,7 +185,9 @@ def _sample_shape(x) -> tuple:
     return tuple(x.shape[1:])
 
 
-def _extract(source, dataset, inputs, layers, policy, batch_size, progress, cache, layers_per_pass) -> ExtractedFeatures:
+def _extract(
+    source, dataset, inputs, layers, policy, batch_size, progress, cache, layers_per_pass
+) -> ExtractedFeatures:
     if layers_per_pass is not None and layers_per_pass < 1:
         raise ReductionError(f"layers_per_pass must be at least 1, got {layers_per_pass}")
     if not layers:
