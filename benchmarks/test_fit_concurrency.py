@@ -9,6 +9,9 @@ to 5 000 train / 1 000 valid samples, so a round takes seconds. Three ways to fi
 - ``test_blas_cap_with_layers_at_once``: the defaults against ``blas_threads=None`` with the same
   concurrency: what oversubscription costs (each fit's BLAS pool spreading over every core while the other
   fits run too).
+- ``test_one_layer_on_every_core``: one layer (the widest of the 8) fitted alone with the defaults
+  (its loss evaluations in row chunks on one thread per core) against ``threads=1``: what splitting one
+  fit's rows is worth when there are fewer layers than cores (issue 14, point 7).
 
 Guard: the same probes every way (identical weights with BLAS capped: each fit is deterministic and
 independent of the others; with threaded BLAS, the same strengths and validation losses).
@@ -42,6 +45,9 @@ def layers():
 
 def _compare(layers, candidate, baseline, paired, record, label, identical=True):
     train, y_train, valid, y_valid = layers
+    if label == "one_layer":
+        widest = max(train, key=lambda name: train[name].shape[1])
+        train, valid = {widest: train[widest]}, {widest: valid[widest]}
     probecore.fit_probes(train, y_train, 10, valid, y_valid, candidate)  # compile and load before timing
     measured = paired(
         lambda: probecore.fit_probes(train, y_train, 10, valid, y_valid, candidate),
@@ -78,3 +84,9 @@ def test_blas_cap_with_layers_at_once(layers, paired, record):
     defaults = probecore.FitOptions()
     uncapped = dataclasses.replace(defaults, blas_threads=None)
     _compare(layers, defaults, uncapped, paired, record, "blas_capped", identical=False)
+
+
+@pytest.mark.benchmark(group="fit-threads")
+def test_one_layer_on_every_core(layers, paired, record):
+    defaults = probecore.FitOptions()
+    _compare(layers, defaults, dataclasses.replace(defaults, threads=1), paired, record, "one_layer")

@@ -29,7 +29,7 @@ import numba
 import numpy as np
 import pytest
 
-from probecore.probe import blas_limits
+from probecore.probe import FitOptions, blas_limits, fit_probe
 from probecore.softmax import SoftmaxLoss, prefers_fused
 from probecore import softmax_kernel
 
@@ -276,7 +276,10 @@ def test_value_and_grad_wrapper(n, d, c, paired, record, monkeypatch):
     nothing, against the time of the kernel itself."""
     features, labels, params = _problem(n, d, c)
     loss = SoftmaxLoss(features, labels, c, L2, kernel="fused")
-    kernel, layout = loss._fused_kernel()
+    if loss._transposed_blocks is None:
+        kernel, layout = softmax_kernel.softmax_loss_grad, loss.features
+    else:
+        kernel, layout = softmax_kernel.softmax_loss_grad_transposed, loss._transposed_blocks
     weights, bias = params[: d * c].reshape(d, c), params[d * c :]
     grad_weights, grad_bias = np.empty((d, c)), np.empty(c)
 
@@ -296,6 +299,65 @@ def test_value_and_grad_wrapper(n, d, c, paired, record, monkeypatch):
             "wrapper_us": round(measured.candidate_min * 1e6, 1),
             "old_wrapper_us": round(measured.baseline_min * 1e6, 1),
             "wrapper_percent_of_kernel": round(100 * measured.candidate_min / kernel_s, 2),
+            **measured.figures(),
+        }
+    )
+
+
+ITERATION_SHAPES = [shape for shape in SHAPES if shape[0] * shape[1] * shape[2] >= 10**7]
+SHORT_FIT, LONG_FIT = 10, 40  # iterations: the difference of the two fits' times is LONG - SHORT iterations
+
+
+@pytest.mark.benchmark(group="lbfgs-iteration")
+@pytest.mark.parametrize("n, d, c", ITERATION_SHAPES, ids=[f"{n}x{d}-C{c}" for n, d, c in ITERATION_SHAPES])
+def test_iteration_against_limits(n, d, c, paired, record, monkeypatch, benchmark):
+    """A whole L-BFGS iteration through ``fit_probe`` (one thread; the line search, the two-loop recursion, the
+    preconditioner and the copies included), as GFLOP/s of the one evaluation an iteration needs, against the
+    same limits. Setup (standardization, preconditioner) cancels out: the time of a 10-iteration fit is
+    subtracted from that of a 40-iteration fit, both from zero with ``tol=0`` (per iteration actually run: a
+    fit that reaches the float32 loss's resolution first ends early). Labels from a noisy linear teacher, so
+    the fit has something to learn, as a probe does."""
+    quick = benchmark.disabled
+    short_fit, long_fit = (2, 6) if quick else (SHORT_FIT, LONG_FIT)
+    if quick:
+        n = min(n, max(QUICK_ROWS, 2 * d))  # more rows than features, as in the full run
+    limits = machine_limits(quick)
+    features, _, _ = _problem(n, d, c)
+    teacher = np.random.default_rng([7, d, c]).standard_normal((d, c), dtype=np.float32) / np.sqrt(d)
+    labels = (features @ teacher + np.random.default_rng(8).gumbel(size=(n, c))).argmax(axis=1)
+    evaluations = []
+    counting = SoftmaxLoss.value_and_grad
+
+    def counted(self, params):
+        evaluations.append(1)
+        return counting(self, params)
+
+    monkeypatch.setattr(SoftmaxLoss, "value_and_grad", counted)
+
+    def fit(iterations):
+        return fit_probe(features, labels, c, options=FitOptions(l2=L2, max_iter=iterations, tol=0, threads=1))
+
+    fit(2)  # compile and warm up
+    short = lambda: fit(short_fit)  # noqa: E731
+    evaluations.clear()
+    measured = paired(lambda: fit(long_fit), short, 1 if quick else 3)
+    rounds = measured.figures()["rounds"]
+    long_probe, short_probe = measured.candidate_result, measured.baseline_result
+    iterations = long_probe.n_iter - short_probe.n_iter
+    assert short_probe.n_iter == short_fit and iterations >= (long_fit - short_fit) // 2, (long_probe.path, short_probe.path)
+    seconds = (measured.candidate_min - measured.baseline_min) / iterations
+    flops = 4 * n * d * c
+    limit, _, percent = _limit(flops, seconds, c, limits["sgemm_gflops"], limits["read_gbytes_per_s"])
+    record(
+        {
+            "shape": f"{n}x{d}, C={c}",
+            "ms_per_iteration": round(seconds * 1e3, 3),
+            "gflops_per_iteration": round(flops / seconds / 1e9, 1),
+            "iterations": iterations,
+            "evaluations_per_iteration": round(len(evaluations) / rounds / (long_probe.n_iter + short_fit), 3),
+            **limits,
+            "limit": limit,
+            "percent_of_limit": round(percent, 1),
             **measured.figures(),
         }
     )

@@ -13,7 +13,7 @@ import numpy as np
 
 from .errors import ProbeError
 from .precondition import SpectralPreconditioner
-from .softmax import KERNELS, SoftmaxLoss, SplitMetrics, log_softmax, mean_cross_entropy, split_metrics
+from .softmax import KERNELS, SoftmaxLoss, SplitMetrics, log_softmax, split_metrics
 
 DEFAULT_L2 = (1e-1, 1e-2, 1e-3, 1e-4, 1e-5)
 
@@ -34,17 +34,18 @@ class FitOptions:
     loss moved by at most 0.1 % and its training objective fell by at most 1e-5 of itself, so the probe no
     longer changes at the precision reported (its validation loss within 0.5 % and its test error within
     0.3 points of the fully converged optimum at that strength: tested on fresh random problems); without a
-    validation split, or before that, until L-BFGS converges (``tol``) or reaches ``max_iter``. Its
-    ``stop_reason`` says which: ``settled``, ``converged``, ``max_iter``, or ``line_search_failed`` when no
-    step lowered the loss (usually a ``tol`` below what the float32 loss can resolve). With ``precondition``
-    L-BFGS walks ``W = P U`` (``precondition.SpectralPreconditioner``): the same objective and optimum, reached
-    in fewer iterations. Features are standardized with the training split's mean and spread unless
+    validation split, or before that, until L-BFGS (``lbfgs.minimize``) converges (``tol``) or reaches
+    ``max_iter``. Its ``stop_reason`` says which: ``settled``, ``converged``, ``max_iter``, or
+    ``line_search_failed`` when no step lowered the loss (usually a ``tol`` below what the float32 loss can
+    resolve). With ``precondition`` L-BFGS starts from ``precondition.SpectralPreconditioner`` as its
+    guess of the inverse Hessian: the same objective and optimum, reached in fewer iterations. Features are standardized with the training split's mean and spread unless
     ``standardize`` is False.
 
-    Threads: ``fit_probes`` fits up to ``threads`` layers at once (None: one per available core), and every
-    fit runs its BLAS products on ``blas_threads`` threads (None leaves the libraries' pools alone). One
-    layer per core with single-threaded BLAS keeps the machine busy without oversubscribing it; waiting on
-    BLAS thread hand-offs made small fits 4 to 9 times slower on 2 cores (benchmarks/README.md).
+    Threads: ``fit_probes`` fits up to ``threads`` layers at once (None: one per available core), and their
+    loss evaluations share one pool of ``threads`` threads in row chunks, so one layer alone (``fit_probe``,
+    or the last of ``fit_probes``) spreads over every core while many layers take one core each. BLAS
+    products run on ``blas_threads`` threads (None leaves the libraries' pools alone): waiting on BLAS
+    thread hand-offs made small fits 4 to 9 times slower on 2 cores (benchmarks/README.md).
     ``kernel`` picks the loss evaluation (``softmax.SoftmaxLoss``): ``auto`` takes the faster one per shape.
     """
 
@@ -83,7 +84,7 @@ class PathPoint:
     l2: float
     valid_loss: float | None
     n_iter: int
-    # "settled", "converged", "max_iter", "max_evaluations", "line_search_failed" or "abnormal: <scipy's words>"
+    # "settled", "converged", "max_iter", "line_search_failed" or "abnormal: <why>" (``lbfgs.Result``)
     stop_reason: str
 
     def to_dict(self) -> dict:
@@ -124,9 +125,10 @@ def fit_probe(
     valid_labels: np.ndarray | None = None,
     options: FitOptions = FitOptions(),
 ) -> Probe:
-    """Fit a probe on (N, d) features and integer labels in ``[0, n_classes)``."""
-    with blas_limits(options.blas_threads):
-        return _fit(train_features, train_labels, n_classes, valid_features, valid_labels, options)
+    """Fit a probe on (N, d) features and integer labels in ``[0, n_classes)``, its loss evaluations spread
+    over ``options.threads`` threads (row chunks, ``softmax.SoftmaxLoss``)."""
+    with blas_limits(options.blas_threads), ThreadPoolExecutor(options.threads or available_cores()) as pool:
+        return _fit(train_features, train_labels, n_classes, valid_features, valid_labels, options, pool)
 
 
 def fit_probes(
@@ -138,18 +140,27 @@ def fit_probes(
     options: FitOptions = FitOptions(),
     done: Callable[[str, Probe], None] | None = None,
 ) -> dict[str, Probe]:
-    """One probe per entry of ``train`` (layer name -> features), up to ``options.threads`` fitted at once.
+    """One probe per entry of ``train`` (layer name -> features), up to ``options.threads`` fitted at once,
+    the largest first.
 
-    The loss kernels release the GIL, so threads share the features without copies. Each probe is the
-    same as ``fit_probe`` would give alone. ``done(name, probe)`` is called as each one finishes."""
+    The fits share one pool of ``options.threads`` threads for their loss evaluations (row chunks, which
+    release the GIL and read the features without copies), so when fewer layers than threads are left, each
+    remaining fit spreads over the idle ones, and no more than that many threads ever compute. Each probe is
+    the same as ``fit_probe`` would give alone. ``done(name, probe)`` is called as each one finishes."""
     threads = options.threads or available_cores()
-    with blas_limits(options.blas_threads), ThreadPoolExecutor(max_workers=min(threads, max(len(train), 1))) as pool:
+    largest_first = sorted(train, key=lambda name: -np.shape(train[name])[1])  # about the same N and C
+    with (
+        blas_limits(options.blas_threads),
+        ThreadPoolExecutor(threads) as pool,
+        ThreadPoolExecutor(max_workers=min(threads, max(len(train), 1))) as fits,
+    ):
         futures = {
-            pool.submit(
-                _fit, features, train_labels, n_classes, None if valid is None else valid[name], valid_labels, options
+            fits.submit(
+                _fit, train[name], train_labels, n_classes, None if valid is None else valid[name], valid_labels,
+                options, pool,
             ): name
-            for name, features in train.items()
-        }
+            for name in largest_first
+        }  # fmt: skip
         probes = {}
         for future in as_completed(futures):
             name = futures[future]
@@ -172,7 +183,7 @@ def blas_limits(threads: int | None):
     return threadpool_limits(limits=threads, user_api="blas")
 
 
-def _fit(train_features, train_labels, n_classes, valid_features, valid_labels, options: FitOptions) -> Probe:
+def _fit(train_features, train_labels, n_classes, valid_features, valid_labels, options: FitOptions, pool) -> Probe:
     started = time.perf_counter()
     path = options.l2_path
     has_valid = valid_features is not None and valid_labels is not None
@@ -180,26 +191,19 @@ def _fit(train_features, train_labels, n_classes, valid_features, valid_labels, 
         raise ProbeError(
             f"choosing among {len(path)} L2 strengths needs a validation split; pass one, or a single strength"
         )
-    train_features = np.asarray(train_features, dtype=np.float32)
-    if options.standardize:
-        mean = train_features.mean(axis=0, dtype=np.float64).astype(np.float32)
-        scale = train_features.std(axis=0, dtype=np.float64).astype(np.float32)
-        scale[~(scale > 1e-12)] = 1.0  # constant features stay at zero after centering
-    else:
-        mean = np.zeros(train_features.shape[1], np.float32)
-        scale = np.ones(train_features.shape[1], np.float32)
-    standardized = np.ascontiguousarray((train_features - mean) / scale)
-    loss = SoftmaxLoss(standardized, np.asarray(train_labels, np.int64), n_classes, path[0], options.kernel)
+    mean, scale = _moments(train_features) if options.standardize else _identity(np.shape(train_features)[1])
+    standardized = _standardized(train_features, mean, scale)
+    loss = SoftmaxLoss(standardized, np.asarray(train_labels, np.int64), n_classes, path[0], options.kernel, pool)
     valid = None
     if has_valid:
-        valid = ((np.asarray(valid_features, dtype=np.float32) - mean) / scale, np.asarray(valid_labels, np.int64))
+        valid = (_standardized(valid_features, mean, scale), np.ascontiguousarray(valid_labels, np.int64))
 
     preconditioner = SpectralPreconditioner.of(standardized) if options.precondition else None
     params = np.zeros(standardized.shape[1] * n_classes + n_classes)
     points, best, best_params = [], None, None
     for l2 in path:
         loss.l2 = l2
-        params, point = _minimize(_Problem(loss, preconditioner), params, valid, options)  # the next starts here
+        params, point = _minimize(loss, preconditioner, params, valid, options)  # the next strength starts here
         points.append(point)
         if best is not None and point.valid_loss >= best.valid_loss:
             break  # past the bottom of the U: weaker strengths would do worse still
@@ -209,80 +213,80 @@ def _fit(train_features, train_labels, n_classes, valid_features, valid_labels, 
     return Probe(weights, bias, mean, scale, best.l2, n_iter, best.stop_reason, time.perf_counter() - started, points)
 
 
+STANDARDIZE_ROWS = 1024  # rows standardized at a time: temporaries of this size, never of the whole split
+
+
+def _moments(features) -> tuple[np.ndarray, np.ndarray]:
+    """Per-feature mean and standard deviation (float64 sums, float32 results), a block of rows at a time: the
+    features (float32, float16, a memory map) are never copied whole. A constant feature gets scale 1, so it
+    stays at zero after centering."""
+    n_samples = len(features)
+    total = np.zeros(np.shape(features)[1])
+    for start in range(0, n_samples, STANDARDIZE_ROWS):
+        total += np.sum(features[start : start + STANDARDIZE_ROWS], axis=0, dtype=np.float64)
+    mean = total / n_samples
+    squares = np.zeros_like(mean)
+    for start in range(0, n_samples, STANDARDIZE_ROWS):
+        centered = features[start : start + STANDARDIZE_ROWS] - mean
+        squares += np.einsum("ij,ij->j", centered, centered)
+    scale = np.sqrt(squares / n_samples).astype(np.float32)
+    scale[~(scale > 1e-12)] = 1.0
+    return mean.astype(np.float32), scale
+
+
+def _identity(n_features: int) -> tuple[np.ndarray, np.ndarray]:
+    return np.zeros(n_features, np.float32), np.ones(n_features, np.float32)
+
+
+def _standardized(features, mean: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """``(features - mean) / scale`` as a new C-contiguous float32 array, written a block of rows at a time:
+    the one copy each fit keeps (the kernels read it many times), and no temporary of the whole split."""
+    out = np.empty(np.shape(features), np.float32)
+    for start in range(0, len(out), STANDARDIZE_ROWS):
+        block = out[start : start + STANDARDIZE_ROWS]
+        np.subtract(features[start : start + STANDARDIZE_ROWS], mean, out=block)
+        block /= scale
+    return out
+
+
 SETTLED_VALID = 1e-3  # the validation loss moved by at most this share of itself over the window
 SETTLED_OBJECTIVE = 1e-5  # and the training objective fell by at most this share of itself
 
 
-class _Problem:
-    """The loss of ``W = P U`` as a function of ``[U.ravel(), b]`` at ``loss.l2``: what L-BFGS walks."""
+def _minimize(loss: SoftmaxLoss, preconditioner: SpectralPreconditioner | None, start, valid, options: FitOptions):
+    """L-BFGS from ``start`` at ``loss.l2`` until the probe has settled on ``valid`` (see ``FitOptions``), or
+    converged: its parameters and its PathPoint."""
+    from .lbfgs import minimize  # numba: compiled code, loaded at the first fit
 
-    def __init__(self, loss: SoftmaxLoss, preconditioner: SpectralPreconditioner | None):
-        self.loss, self.preconditioner = loss, preconditioner
-        self.scales = None if preconditioner is None else preconditioner.scales(loss.l2)
-        self.n_weights = loss.features.shape[1] * loss.n_classes
-        self._last: tuple[np.ndarray, np.ndarray] | None = None
-
-    def _map(self, flat: np.ndarray, scales: np.ndarray) -> np.ndarray:
-        if self.preconditioner is None:
-            return flat
-        weights = flat[: self.n_weights].reshape(-1, self.loss.n_classes)
-        mapped = self.preconditioner.apply(weights, scales)
-        return np.concatenate([mapped.ravel(), flat[self.n_weights :]])
-
-    def params(self, variables: np.ndarray) -> np.ndarray:
-        if self._last is None or not np.array_equal(self._last[0], variables):  # the callback asks for the last
-            self._last = (variables.copy(), self._map(variables, self.scales))  # point evaluated, mostly
-        return self._last[1]
-
-    def variables(self, params: np.ndarray) -> np.ndarray:
-        return self._map(params, None if self.scales is None else 1 / self.scales)
-
-    def value_and_grad(self, variables: np.ndarray) -> tuple[float, np.ndarray]:
-        value, grad = self.loss.value_and_grad(self.params(variables))
-        return value, self._map(grad, self.scales)  # P is symmetric: the gradient in U is P times that in W
-
-
-def _minimize(problem: _Problem, start, valid, options: FitOptions):
-    """L-BFGS from ``start`` at ``problem.loss.l2`` until the probe has settled on ``valid`` (see
-    ``FitOptions``), or converged: its parameters and its PathPoint."""
-    from scipy.optimize import minimize  # 50 MB of imports, not needed until the first fit
-
-    settled = None if valid is None else _Settled(problem, *valid, options.patience)
+    settled = None if valid is None else _Settled(loss, *valid, options.patience)
     result = minimize(
-        problem.value_and_grad,
-        problem.variables(start),
-        jac=True,
-        method="L-BFGS-B",
+        loss.value_and_grad,
+        start,
+        precondition=None if preconditioner is None else _initial_inverse_hessian(loss, preconditioner),
+        memory=10,
+        max_iter=options.max_iter,
+        gtol=options.tol,
+        # With a validation split the fit stops when it has settled: the test on the objective's relative fall in
+        # one iteration also fires on a slow stretch far from the optimum (1.2 % off in validation loss)
+        ftol=options.tol if settled is None else 0.0,
         callback=settled,
-        # With a validation split the fit stops when it has settled: L-BFGS's own test on the objective's relative
-        # fall in one iteration also fires on a slow stretch far from the optimum (1.2 % off in validation loss)
-        options={"maxiter": options.max_iter, "ftol": options.tol if settled is None else 0.0, "gtol": options.tol,
-                 "maxcor": 10},
-    )  # fmt: skip
-    params = problem.params(result.x)
-    stop_reason = "settled" if settled is not None and settled.stopped else _stop_reason(result)
-    valid_loss = None if valid is None else _valid_loss(problem.loss, params, *valid)
-    return params, PathPoint(problem.loss.l2, valid_loss, int(result.nit), stop_reason)
+    )
+    stop_reason = "settled" if result.stop_reason == "stopped" else result.stop_reason
+    valid_loss = None if valid is None else loss.held_out_loss(result.x, *valid)
+    return result.x, PathPoint(loss.l2, valid_loss, result.n_iter, stop_reason)
 
 
-def _stop_reason(result) -> str:
-    """Name how scipy's L-BFGS-B ended, from its status and message: a failed line search (float32 noise
-    under a tight ``tol``) is not a fit cut short by ``max_iter``. Messages are matched loosely because
-    scipy reworded them when it rewrote L-BFGS-B from Fortran in C."""
-    message = str(result.message).upper()
-    if result.status == 0:
-        return "converged"
-    if result.status == 1:  # a limit: ours on iterations, or scipy's own on evaluations (maxfun)
-        return "max_evaluations" if "EVALUATIONS" in message else "max_iter"
-    if message.startswith("ABNORMAL"):  # L-BFGS-B's word for a line search that found no lower loss
-        return "line_search_failed"
-    kind, _, detail = message.partition(": ")
-    return f"abnormal: {(detail or kind).strip().lower()}"
+def _initial_inverse_hessian(loss: SoftmaxLoss, preconditioner: SpectralPreconditioner):
+    """``v -> M v``, ``M`` the preconditioner at ``loss.l2`` on the weights and the identity on the bias."""
+    scales = preconditioner.scales(loss.l2)
+    n_weights = loss.features.shape[1] * loss.n_classes
 
+    def apply(vector: np.ndarray) -> np.ndarray:
+        out = vector.copy()
+        out[:n_weights] = preconditioner.apply(vector[:n_weights].reshape(-1, loss.n_classes), scales).ravel()
+        return out
 
-def _valid_loss(loss: SoftmaxLoss, params: np.ndarray, features: np.ndarray, labels: np.ndarray) -> float:
-    weights, bias = loss.unpack(params)
-    return mean_cross_entropy(features @ weights + bias, labels)
+    return apply
 
 
 class _Settled:
@@ -290,20 +294,16 @@ class _Settled:
     ``SETTLED_VALID`` of itself and the training objective has fallen by at most ``SETTLED_OBJECTIVE`` of
     itself: the probe no longer changes at the precision it is reported with."""
 
-    def __init__(self, problem: _Problem, features: np.ndarray, labels: np.ndarray, window: int):
-        self.problem, self.features, self.labels, self.window = problem, features, labels, window
+    def __init__(self, loss: SoftmaxLoss, features: np.ndarray, labels: np.ndarray, window: int):
+        self.loss, self.features, self.labels, self.window = loss, features, labels, window
         self.objectives: list[float] = []
         self.valid_losses: list[float] = []
-        self.stopped = False
 
-    def __call__(self, intermediate_result):
-        self.objectives.append(float(intermediate_result.fun))
-        params = self.problem.params(intermediate_result.x)
-        self.valid_losses.append(_valid_loss(self.problem.loss, params, self.features, self.labels))
+    def __call__(self, params: np.ndarray, objective: float) -> bool:
+        self.objectives.append(objective)
+        self.valid_losses.append(self.loss.held_out_loss(params, self.features, self.labels))
         if len(self.valid_losses) <= self.window:
-            return
+            return False
         valid, objective = self.valid_losses[-self.window - 1 :], self.objectives[-self.window - 1 :]
         valid_still = max(valid) - min(valid) <= SETTLED_VALID * valid[-1]
-        if valid_still and objective[0] - objective[-1] <= SETTLED_OBJECTIVE * abs(objective[-1]):
-            self.stopped = True
-            raise StopIteration
+        return valid_still and objective[0] - objective[-1] <= SETTLED_OBJECTIVE * abs(objective[-1])

@@ -308,3 +308,41 @@ def test_mean_cross_entropy_is_the_split_metrics_loss(n, c, offset):
     labels = rng.integers(0, c, n)
     expected = ref.split_metrics(ref.log_softmax(logits.astype(np.float64)), labels)[0]
     assert mean_cross_entropy(logits, labels) == pytest.approx(expected, rel=1e-5)
+
+
+@pytest.mark.parametrize("kernel", ["fused", "blas"])
+@pytest.mark.parametrize("n, d, c", [(9001, 300, 10), (5000, 64, 3), (3000, 40, 120)])
+def test_row_chunks_on_a_pool_add_up_to_the_whole_evaluation_whatever_the_threads(n, d, c, kernel, monkeypatch):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from probecore import softmax
+
+    monkeypatch.setattr(softmax, "CHUNK_FLOPS", 4 * n * d * c / 7)  # about 7 chunks (whole 1008-row blocks at d=64)
+    rng = np.random.default_rng([30, n, d, c])
+    whole, params = _problem(rng, n, d, c, 1e-3, kernel=kernel)
+    value, grad = whole.value_and_grad(params)
+    results = []
+    for threads in (1, 3):
+        with ThreadPoolExecutor(threads) as pool:
+            chunked = SoftmaxLoss(whole.features, whole.labels, c, 1e-3, kernel, pool)
+            assert len(chunked._chunks) >= 3
+            results.append(chunked.value_and_grad(params))
+    (value_1, grad_1), (value_3, grad_3) = results
+    assert value_1 == value_3 and np.array_equal(grad_1, grad_3)  # the chunks are fixed by the shape
+    np.testing.assert_allclose(value_1, value, rtol=1e-6)
+    np.testing.assert_allclose(grad_1, grad, rtol=0, atol=1e-5 * np.abs(grad).max())  # float32 sums (BLAS)
+    weights, bias = params[: d * c].reshape(d, c), params[d * c :]
+    ref_value, ref_grad_w, ref_grad_b = ref.softmax_objective(whole.features, whole.labels, weights, bias, 1e-3)
+    np.testing.assert_allclose(value_1, ref_value, rtol=1e-5)
+    ref_grad = np.concatenate([ref_grad_w.ravel(), ref_grad_b])
+    np.testing.assert_allclose(grad_1, ref_grad, rtol=1e-4, atol=1e-5 * np.abs(ref_grad).max())
+
+
+@pytest.mark.parametrize("n, d, c", [(600, 300, 10), (2000, 64, 3), (150, 40, 120), (5, 3, 2)])
+def test_the_held_out_loss_is_the_float64_mean_cross_entropy(n, d, c):
+    rng = np.random.default_rng([31, n, d, c])
+    loss, params = _problem(rng, 50, d, c, 1e-3)
+    features, labels = rng.standard_normal((n, d)).astype(np.float32), rng.integers(0, c, n)
+    weights, bias = params[: d * c].reshape(d, c), params[d * c :]
+    expected = ref.softmax_objective(features, labels, weights, bias, 0.0)[0]
+    assert loss.held_out_loss(params, features, labels) == pytest.approx(expected, rel=1e-5)
