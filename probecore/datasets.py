@@ -87,9 +87,9 @@ def load_dataset(
         for name in SPLITS:
             if xs[name] is not None:
                 _check_pair(xs[name], ys[name], f"{path}: x_{name}/y_{name}")
-        return dataset_from_splits(xs, ys, valid_fraction, seed)
+        return _from_splits(xs, ys, valid_fraction, seed, owned=True)
     if {"x", "y"} <= keys:
-        return split_dataset(arrays["x"], arrays["y"], valid_fraction, test_fraction, seed, where=str(path))
+        return _split(arrays["x"], arrays["y"], valid_fraction, test_fraction, seed, str(path), owned=True)
     found = ", ".join(sorted(keys)) or "none"
     raise DataError(
         f"{path} needs keys x_train, y_train, x_test, y_test (x_valid, y_valid optional) or x, y; "
@@ -169,6 +169,10 @@ def split_dataset(
     where: str = "data",
 ) -> Dataset:
     """Split one labelled pool into train/valid/test, stratified by label, reproducibly from ``seed``."""
+    return _split(x, y, valid_fraction, test_fraction, seed, where, owned=False)
+
+
+def _split(x, y, valid_fraction, test_fraction, seed, where, owned: bool) -> Dataset:
     if seed < 0:
         raise DataError(f"seed must be zero or positive, got {seed}")
     if not (0 < valid_fraction < 1 and 0 < test_fraction < 1 and valid_fraction + test_fraction < 1):
@@ -189,12 +193,31 @@ def split_dataset(
             f"split{'s' if len(empty) > 1 else ''} would be empty); add samples, or give ready splits instead "
             f"(x_train/y_train, x_valid/y_valid, x_test/y_test in the .npz)"
         )
-    splits = {name: Split(x[rows], codes[rows]) for name, rows in rows_by_split.items()}
+    xs = _rows_of(x, list(rows_by_split.values()), owned)
+    splits = {name: Split(part, codes[rows]) for (name, rows), part in zip(rows_by_split.items(), xs)}
     return Dataset(splits["train"], splits["valid"], splits["test"], classes)
+
+
+def _rows_of(x, parts: list[np.ndarray], owned: bool) -> list:
+    """``[x[rows] for rows in parts]`` (the parts disjoint). Where ``x`` is an array read here (``owned``),
+    its rows are instead reordered in place so that the parts are consecutive views of it: the inputs are
+    held once, not twice while they are split (and the caller's arrays are never changed)."""
+    if not (owned and isinstance(x, np.ndarray) and x.flags.c_contiguous and x.flags.writeable and x.size):
+        return [x[rows] for rows in parts]
+    from .kernels import permute_rows
+
+    order = np.concatenate(parts)
+    permute_rows(x[: len(order)].reshape(len(order), -1).view(np.uint8), order)
+    ends = np.cumsum([len(rows) for rows in parts])
+    return [x[end - len(rows) : end] for rows, end in zip(parts, ends)]
 
 
 def dataset_from_splits(xs: dict, ys: dict, valid_fraction: float = 0.1, seed: int = 0) -> Dataset:
     """Build a Dataset from given splits; a missing valid split is carved out of train (stratified)."""
+    return _from_splits(xs, ys, valid_fraction, seed, owned=False)
+
+
+def _from_splits(xs: dict, ys: dict, valid_fraction: float, seed: int, owned: bool) -> Dataset:
     present = [name for name in SPLITS if xs.get(name) is not None]
     kinds = {name: "text" if np.asarray(ys[name]).dtype.kind in "US" else "numbers" for name in present}
     if len(set(kinds.values())) > 1:
@@ -205,8 +228,9 @@ def dataset_from_splits(xs: dict, ys: dict, valid_fraction: float = 0.1, seed: i
     if "valid" not in splits:
         train = splits["train"]
         valid_rows, train_rows = _stratified_rows(train.y, [valid_fraction], seed)
-        splits["train"] = Split(train.x[train_rows], train.y[train_rows])
-        splits["valid"] = Split(train.x[valid_rows], train.y[valid_rows])
+        train_x, valid_x = _rows_of(train.x, [train_rows, valid_rows], owned)
+        splits["train"] = Split(train_x, train.y[train_rows])
+        splits["valid"] = Split(valid_x, train.y[valid_rows])
     for name in SPLITS:
         if len(splits[name]) == 0:
             raise DataError(f"the {name} split is empty; every split needs samples")

@@ -98,3 +98,25 @@ def gather_columns(rows, columns, out):
     for n in range(rows.shape[0]):
         for k in range(columns.shape[0]):
             out[n, k] = rows[n, columns[k]]
+
+
+@numba.njit(cache=True)
+def permute_rows(rows, order):
+    """Reorder the rows of a (N, row bytes) uint8 array in place so that row i becomes old row ``order[i]``
+    (a permutation of 0..N-1), one row of scratch: each cycle of the permutation is followed once."""
+    n_rows = rows.shape[0]
+    placed = np.zeros(n_rows, np.bool_)
+    scratch = np.empty(rows.shape[1], np.uint8)
+    for start in range(n_rows):
+        if placed[start]:
+            continue
+        scratch[:] = rows[start]
+        i = start
+        while True:
+            placed[i] = True
+            j = order[i]
+            if j == start:
+                rows[i] = scratch
+                break
+            rows[i] = rows[j]
+            i = j

@@ -53,6 +53,7 @@ class SoftmaxLoss:
     # here, so later changes to ``features`` do not reach it
     _transposed_blocks: np.ndarray | None = field(default=None, init=False, repr=False, compare=False)
     _chunks: list[tuple[int, int]] = field(default_factory=list, init=False, repr=False, compare=False)
+    _parts: np.ndarray | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self):
         if self.kernel not in KERNELS:
@@ -119,18 +120,17 @@ class SoftmaxLoss:
 
     def _chunked(self, weights, bias, grad) -> float:
         """The chunks' means on the pool's threads, weighted by their rows and added in chunk order."""
-        parts = [np.empty_like(grad) for _ in self._chunks]
+        if self._parts is None:  # one gradient per chunk, kept: new arrays each time cost page faults
+            self._parts = np.empty((len(self._chunks), len(grad)))
         futures = [
             self.pool.submit(self._rows, start, stop, weights, bias, part)
-            for (start, stop), part in zip(self._chunks, parts)
+            for (start, stop), part in zip(self._chunks, self._parts)
         ]
-        n_samples, loss = len(self.labels), 0.0
-        grad[:] = 0.0
-        for (start, stop), part, future in zip(self._chunks, parts, futures):
-            share = (stop - start) / n_samples
-            loss += share * future.result()
-            grad += share * part
-        return loss
+        shares = np.array([stop - start for start, stop in self._chunks]) / len(self.labels)
+        losses = np.array([future.result() for future in futures])
+        self._parts *= shares[:, None]
+        self._parts.sum(axis=0, out=grad)  # row after row: the same order whatever ran the chunks
+        return float(shares @ losses)
 
     def held_out_loss(self, params: np.ndarray, features: np.ndarray, labels: np.ndarray) -> float:
         """Mean cross-entropy (no L2 term) of the probe ``params`` on other (N, d) float32 features: the settled

@@ -5,7 +5,7 @@ import pickle
 import numpy as np
 import pytest
 
-from probecore.datasets import _class_size_needed, _split_sizes, load_dataset, split_dataset
+from probecore.datasets import _class_size_needed, _split_sizes, dataset_from_splits, load_dataset, split_dataset
 from probecore.errors import DataError
 
 
@@ -361,3 +361,25 @@ def test_every_class_keeps_a_training_sample_whatever_the_fractions():
     labels = np.array([0, 1, 1, 1, 1, 0, 0])
     dataset = split_dataset(np.arange(7.0)[:, None], labels, 0.375, 0.375, seed=0)
     assert set(dataset.train.y.tolist()) == {0, 1}
+
+
+@pytest.mark.parametrize("shape, dtype", [((), np.int64), ((3, 5, 5), np.float32), ((7,), np.uint8), ((2,), np.float16)])
+@pytest.mark.parametrize("ready_splits", [False, True])
+def test_a_loaded_file_is_split_in_place_into_the_rows_a_copy_would_give(tmp_path, shape, dtype, ready_splits):
+    rng = np.random.default_rng([60, len(shape)])
+    x = (rng.standard_normal((301, *shape)) * 100).astype(dtype)
+    y = rng.integers(0, 4, 301)
+    path = tmp_path / "data.npz"
+    if ready_splits:  # no valid split: carved out of train
+        np.savez(path, x_train=x[:250], y_train=y[:250], x_test=x[250:], y_test=y[250:])
+        expected = dataset_from_splits({"train": x[:250].copy(), "test": x[250:]}, {"train": y[:250], "test": y[250:]})
+    else:
+        np.savez(path, x=x, y=y)
+        original = x.copy()
+        expected = split_dataset(x, y, 0.1, 0.2, seed=0)
+        np.testing.assert_array_equal(x, original)  # the caller's array is left as it was
+    loaded = load_dataset(path, 0.1, 0.2, seed=0)
+    for name, split in loaded.splits().items():
+        np.testing.assert_array_equal(split.x, expected.splits()[name].x)
+        np.testing.assert_array_equal(split.y, expected.splits()[name].y)
+    assert loaded.train.x.base is not None and loaded.train.x.base is loaded.valid.x.base  # views of one array
