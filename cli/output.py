@@ -23,13 +23,25 @@ error_console = Console(stderr=True, highlight=False, soft_wrap=True)
 
 @contextlib.contextmanager
 def user_errors():
-    """Turn a ``ProbeError`` into one line on stderr and exit code 1 (a traceback with PROBECORE_DEBUG=1)."""
+    """Turn a ``ProbeError`` (or running out of memory) into one line on stderr and exit code 1 (a traceback
+    with PROBECORE_DEBUG=1)."""
     try:
         yield
     except ProbeError as exc:
         if os.environ.get(DEBUG_VARIABLE):
             raise
         error_console.print(f"error: {exc}", markup=False)
+        raise typer.Exit(1) from None
+    except MemoryError as exc:
+        if os.environ.get(DEBUG_VARIABLE):
+            raise
+        detail = str(exc).splitlines()[0] if str(exc) else "an allocation failed"
+        error_console.print(
+            f"error: out of memory ({detail}); no results were written; keep the feature cache on (drop --no-cache; "
+            "--cache-dir DIR picks where: features go to disk and are read back memory-mapped), or probe fewer "
+            "layers (--layers) or fewer features (--max-features)",
+            markup=False,
+        )
         raise typer.Exit(1) from None
     except KeyboardInterrupt as exc:
         kept = f"; {exc}" if isinstance(exc, Interrupted) else ""  # where the features extracted so far are

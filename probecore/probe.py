@@ -106,8 +106,12 @@ class Probe:
     path: list[PathPoint] = field(default_factory=list)
 
     def log_proba(self, features: np.ndarray) -> np.ndarray:
-        standardized = (np.asarray(features, dtype=np.float32) - self.mean) / self.scale
-        return log_softmax(standardized @ self.weights + self.bias)
+        """(N, C) log-probabilities; the features standardized a block of rows at a time (no copy of them all)."""
+        logits = np.empty((len(features), len(self.bias)), np.float32)
+        for start in range(0, len(features), STANDARDIZE_ROWS):
+            block = _standardized(features[start : start + STANDARDIZE_ROWS], self.mean, self.scale)
+            np.matmul(block, self.weights, out=logits[start : start + STANDARDIZE_ROWS])
+        return log_softmax(logits + self.bias)
 
     def predict(self, features: np.ndarray) -> np.ndarray:
         """Class indices (positions in the label encoding), shape (N,)."""
