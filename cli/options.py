@@ -94,23 +94,41 @@ def _shared(
     )  # fmt: skip
 
 
+def _engine(
+    ray: str = typer.Option(
+        None, "--ray", help="Extract and fit on a Ray cluster: auto (the one `ray start` runs here), local (start one "
+        "on this machine) or its address, host:port or ray://host:port. Needs probecore[ray]; the model, data "
+        "folders and --cache-dir at the same paths on every node.", show_default=False,
+    ),
+):
+    """Where the run's work happens: this process, or a Ray cluster (Ray is imported only then)."""
+    if ray is None:
+        return None
+    from probecore.backends.ray_engine import RayEngine
+
+    return RayEngine(ray)
+
+
 SHARED = list(inspect.signature(_shared, eval_str=True).parameters.values())
+ENGINE = list(inspect.signature(_engine, eval_str=True).parameters.values())
 
 
 def with_run_options(command):
     """Give ``command`` the shared options (after its own, in its --help); it receives them as one
-    ``spec: RunSpec``, built before it runs, a bad value being one line on stderr."""
+    ``spec: RunSpec`` and an ``engine`` (None: this process), made before it runs, a bad value being one line
+    on stderr."""
     own = inspect.signature(command, eval_str=True)
-    kept = [parameter for parameter in own.parameters.values() if parameter.name != "spec"]
+    kept = [parameter for parameter in own.parameters.values() if parameter.name not in ("spec", "engine")]
 
     @functools.wraps(command)
     def with_spec(**values):
         shared = {parameter.name: values.pop(parameter.name) for parameter in SHARED}
+        where = {parameter.name: values.pop(parameter.name) for parameter in ENGINE}
         with user_errors():
-            spec = _shared(**shared)
-        return command(spec=spec, **values)
+            spec, engine = _shared(**shared), _engine(**where)
+        return command(spec=spec, engine=engine, **values)
 
-    with_spec.__signature__ = own.replace(parameters=[*kept, *SHARED])
+    with_spec.__signature__ = own.replace(parameters=[*kept, *SHARED, *ENGINE])
     return with_spec
 
 

@@ -28,13 +28,14 @@ def run_command(
     as_json: bool = typer.Option(False, "--json", help="Print report.json to stdout instead of the table."),
     *,
     spec: RunSpec,
+    engine=None,
 ) -> None:
     """Fit a linear probe on every chosen layer of MODEL and report its loss and error per split.
 
     Example: probe run model.onnx --data data.npz --out results/ --layers 'op:Relu,Add'
     """
     with user_errors():
-        probe_and_write(model, out, spec, quiet=quiet, as_json=as_json)
+        probe_and_write(model, out, spec, engine, quiet=quiet, as_json=as_json)
 
 
 def demo_command(

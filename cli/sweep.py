@@ -42,6 +42,7 @@ def sweep_command(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars and no table."),
     *,
     spec: RunSpec,
+    engine=None,
 ) -> None:
     """Probe the same layers of every checkpoint on one data set: a layer x checkpoint grid of probe errors.
 
@@ -58,7 +59,7 @@ def sweep_command(
             with model_source(model, spec.device) as source:
                 if tracker is None:  # one data pipeline for every checkpoint
                     dataset, _ = load_data(source, spec, quiet)
-                    tracker = probecore.ProbeTracker(dataset, spec)
+                    tracker = probecore.ProbeTracker(dataset, spec, engine=engine)
                 with progress_bars(quiet) as progress:
                     tracker.progress = progress
                     report = tracker.record(_label(model), source)
