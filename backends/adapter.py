@@ -157,22 +157,17 @@ def temporary_export(export: Callable[[Path], Path]) -> Iterator[Path]:
 
 
 def probe_exported(
-    path: Path, x: np.ndarray, y: np.ndarray, layers: str | Sequence[str] | None = None,
-    policy: probecore.ReductionPolicy | None = None, fit: probecore.FitOptions | None = None,
-    valid_fraction: float = 0.1, test_fraction: float = 0.2, seed: int = 0, batch_size: int = 256,
-    device: str = "auto", control_task: bool = False, model_label: str | None = None,
+    path: Path, x: np.ndarray, y: np.ndarray, spec: probecore.RunSpec = probecore.RunSpec(),
+    model_label: str | None = None,
 ) -> probecore.ProbeReport:  # fmt: skip
-    """``run_probes`` on an exported model, with ``x``/``y`` split stratified by label from ``seed``;
-    ``model_label`` stands for the model in the report, instead of the temporary file's path."""
+    """``run_probes`` on an exported model (opened on ``spec.device``), with ``x``/``y`` split stratified by
+    label as ``spec`` says; ``model_label`` stands for the model in the report, instead of the temporary
+    file's path."""
     from .onnx_source import OnnxSource
 
-    source = OnnxSource(path, device=device)
-    dataset = probecore.split_dataset(x, y, valid_fraction, test_fraction, seed)
-    entries = probecore.parse_layer_spec(layers) if isinstance(layers, str) else layers
-    report = probecore.run_probes(
-        source, dataset, entries, policy or probecore.ReductionPolicy(seed=seed), fit or probecore.FitOptions(),
-        batch_size, control_task=control_task,
-    )  # fmt: skip
+    source = OnnxSource(path, device=spec.device)
+    dataset = probecore.split_dataset(x, y, spec.valid_fraction, spec.test_fraction, spec.seed)
+    report = probecore.run_probes(source, dataset, spec)
     if model_label:
         report.settings["source"]["model"] = model_label
     return report

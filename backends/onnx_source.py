@@ -49,6 +49,11 @@ class OnnxSource:
         self.provider: str | None = None
         self.bytes_fetched = 0  # bytes copied out of onnxruntime, to show what in-graph reduction saves
 
+    def __getstate__(self) -> dict:
+        """Everything but the session, so a copy can be sent to another process (a Ray actor), which builds its
+        own session from the same file when it first runs the model."""
+        return {**self.__dict__, "_session": None, "_session_key": None, "bytes_fetched": 0}
+
     def _describe(self, outline) -> None:
         """Learn the inputs, tensors and shapes that ``outline`` (shape-inferred) says the model has."""
         self._inputs = onnx_graph.model_inputs(outline)

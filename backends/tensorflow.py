@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import io
 import warnings
-from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -78,12 +77,11 @@ def export(model, path: str | Path) -> Path:
     return adapter.finish_export(proto, path, output_names, layers, "keras", others_default=False)
 
 
-def probe_model(model, x, y, layers: str | Sequence[str] | None = None, **options) -> probecore.ProbeReport:
-    """Probe every default layer (or ``layers``) of the Keras ``model`` on inputs ``x`` and labels ``y``.
-    ``options`` go to ``adapter.probe_exported`` (policy, fit, seed, fractions, ...)."""
-    options.setdefault("model_label", f"keras model {model.name}")
+def probe_model(model, x, y, spec: probecore.RunSpec = probecore.RunSpec()) -> probecore.ProbeReport:
+    """Probe the layers ``spec`` names (default: every default layer) of the Keras ``model`` on inputs ``x``
+    and labels ``y``, split as ``spec`` says."""
     with adapter.temporary_export(lambda path: export(model, path)) as path:
-        return adapter.probe_exported(path, np.asarray(x), np.asarray(y), layers, **options)
+        return adapter.probe_exported(path, np.asarray(x), np.asarray(y), spec, f"keras model {model.name}")
 
 
 def _input_name(tensor, index: int) -> str:

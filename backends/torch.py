@@ -97,24 +97,25 @@ def _quiet():
 
 
 def probe_module(
-    module, x, y, example=None, layers: str | Sequence[str] | None = None, input_names: Sequence[str] | None = None,
-    **options,
+    module, x, y, spec: probecore.RunSpec = probecore.RunSpec(), example=None,
+    input_names: Sequence[str] | None = None,
 ) -> probecore.ProbeReport:  # fmt: skip
-    """Probe every default layer (or ``layers``) of ``module`` on inputs ``x`` and labels ``y``.
+    """Probe the layers ``spec`` names (default: every default layer) of ``module`` on inputs ``x`` and
+    labels ``y``, split as ``spec`` says.
 
     ``x``: a numpy array or torch tensor, or a dict from ``forward`` parameter name to array for a module with
     several inputs (token ids and an attention mask), passed by name. ``example``: what ``export`` traces with
     (default: the first two samples; the exported input takes its dtype, so pass a float example for a model fed
-    uint8 pixels it casts itself). ``options`` go to ``adapter.probe_exported`` (policy, fit, seed, fractions, ...)."""
+    uint8 pixels it casts itself)."""
     if isinstance(x, Mapping):
         x = probecore.pack_inputs(**{name: _numpy(value) for name, value in x.items()})
         example = example if example is not None else {name: x[name][:2] for name in x.dtype.names}
     else:
         x = _numpy(x)
         example = example if example is not None else x[:2]
-    options.setdefault("model_label", f"torch module {type(module).__name__}")
+    label = f"torch module {type(module).__name__}"
     with adapter.temporary_export(lambda path: export(module, example, path, input_names)) as path:
-        return adapter.probe_exported(path, x, _numpy(y), layers, **options)
+        return adapter.probe_exported(path, x, _numpy(y), spec, label)
 
 
 def record(tracker: probecore.ProbeTracker, checkpoint, module, example, input_names: Sequence[str] | None = None):

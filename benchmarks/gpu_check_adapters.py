@@ -61,11 +61,12 @@ def measure(path, device, dataset, layers, policy, torch_inputs, reference):
     feed = probecore.pack_inputs(**dict(zip(source.input_names, raw))) if len(torch_inputs) > 1 else raw
     batch = next(source.activations(source.check_inputs(feed), layers, batch_size=len(feed)))
     chosen = [layer for layer in source.layers() if layer.name in layers]
-    probecore.extract_features(source, dataset, chosen, policy, batch_size=256)  # warm-up
+    spec = probecore.RunSpec(layers=[f"name:{n}" for n in layers], policy=policy)
+    probecore.extract_features(source, dataset, chosen, spec)  # warm-up
     started = time.perf_counter()
-    probecore.extract_features(source, dataset, chosen, policy, batch_size=256)
+    probecore.extract_features(source, dataset, chosen, spec)
     seconds = time.perf_counter() - started
-    report = probecore.run_probes(source, dataset, [f"name:{n}" for n in layers], policy)
+    report = probecore.run_probes(source, dataset, spec)
     n_samples = sum(len(split) for split in dataset.splits().values())
     return {
         "provider": source.provider,

@@ -110,7 +110,7 @@ def main(argv=None) -> dict:
         )
         chosen = probecore.select_layers(source.layers(), args.layers.split(","))
         policy = probecore.ReductionPolicy(global_pool=True)
-        extracted = probecore.extract_features(source, dataset, chosen, policy, batch_size=args.batch_size)
+        extracted = probecore.extract_features(source, dataset, chosen, probecore.RunSpec(policy=policy, batch_size=args.batch_size))
         result["reduced_features_total"] = sum(next(iter(s.values())).shape[1] for s in extracted.by_layer.values())
         result["reduced_mib"] = round(sum(a.nbytes for s in extracted.by_layer.values() for a in s.values()) / 2**20, 2)
         described = source.describe()

@@ -25,18 +25,18 @@ def test_cache_rerun_vs_first_run(mnist, paired, record, tmp_path):
     source = OnnxSource(bundled.DEMO_MODEL, device="cpu")
     chosen = probecore.select_layers(source.layers(), None)
     probecore.extract_features(source, mnist, chosen)  # build the session, compile the kernels: not timed
-    warm = probecore.FeatureCache(tmp_path / "warm")
-    probecore.extract_features(source, mnist, chosen, cache=warm)
+    warm = probecore.RunSpec(cache_dir=tmp_path / "warm")
+    probecore.extract_features(source, mnist, chosen, warm)
     rounds = iter(range(1000))
 
     def first_run():
         cache_dir = tmp_path / f"cold-{next(rounds)}"
-        result = probecore.extract_features(source, mnist, chosen, cache=probecore.FeatureCache(cache_dir))
+        result = probecore.extract_features(source, mnist, chosen, probecore.RunSpec(cache_dir=cache_dir))
         shutil.rmtree(cache_dir)
         return result
 
     def rerun():
-        return probecore.extract_features(source, mnist, chosen, cache=warm)
+        return probecore.extract_features(source, mnist, chosen, warm)
 
     timed = paired(rerun, first_run, 5)
     assert timed.candidate_result.splits_from_cache == 3 and timed.baseline_result.splits_from_cache == 0

@@ -107,7 +107,7 @@ def test_resnet50_extraction_vs_forward(resnet50_model, benchmark, paired, recor
         return np.concatenate([session.run([OUTPUT], {INPUT: x[i : i + BATCH_SIZE]})[0] for i in starts])
 
     def extract(data=dataset):
-        return probecore.extract_features(source, data, chosen, policy, batch_size=BATCH_SIZE)
+        return probecore.extract_features(source, data, chosen, probecore.RunSpec(policy=policy, batch_size=BATCH_SIZE))
 
     # Build both sessions, load the numba kernels, grow both allocators to a full batch: none of that is timed.
     session.run([OUTPUT], {INPUT: x[:BATCH_SIZE]})

@@ -13,14 +13,13 @@ from rich.table import Table
 
 import probecore
 from probecore.errors import DataError
-from probecore.feature_cache import FeatureCache
-from probecore.probe import FitOptions
-from probecore.reduction import ReductionPolicy
 from probecore.report import check_writable
+from probecore.run_spec import RunSpec
 
 from .models import model_source
+from .options import with_run_options
 from .output import console, progress_bars, user_errors
-from .run import FIT, POLICY, default_cache_dir, image_preprocessing, parse_floats
+from .run import load_data
 
 
 class CheckpointOrder(str, Enum):
@@ -28,27 +27,22 @@ class CheckpointOrder(str, Enum):
     given = "given"
 
 
+@with_run_options
 def sweep_command(
     models: list[str] = typer.Argument(
         ..., help="Checkpoints: ONNX files (e.g. ckpt_*.onnx) or package.module:function references, put in "
         "training order by --order.", show_default=False,
     ),
-    data: Path = typer.Option(..., "--data", help="A .npz file or an image folder, as for `probe run`."),
     out: Path = typer.Option(Path("sweep"), "--out", help="Directory for sweep.json, sweep.csv, heatmap.png, report.html."),
-    layers: str = typer.Option(None, "--layers", help="Names, globs or op types, as for `probe run`; the same in every checkpoint."),
-    max_features: int = typer.Option(POLICY.max_features, help="Reduce layers with more features than this."),
-    global_pool: bool = typer.Option(False, "--global-pool", help="Pool each feature map to one value per channel."),
-    l2: str = typer.Option(",".join(f"{value:g}" for value in FIT.l2_path), help="L2 strengths, as for `probe run`."),
-    batch_size: int = typer.Option(256, min=1, help="Samples per forward pass."),
-    seed: int = typer.Option(0, min=0, help="Seed for the data split and the random feature subsets."),
-    device: str = typer.Option("auto", help="auto (CUDA when it works), cpu, or cuda."),
-    no_cache: bool = typer.Option(False, "--no-cache", help="Keep features in memory only; reuse nothing."),
     order: CheckpointOrder = typer.Option(
         CheckpointOrder.natural, "--order", help="natural: by the numbers in the checkpoint names, compared as "
         "numbers (ckpt_2 before ckpt_10, which the shell's ckpt_*.onnx puts after it), kept as given when some "
         "name holds no number; given: as listed.",
     ),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars and no table."),
+    *,
+    spec: RunSpec,
+    engine=None,
 ) -> None:
     """Probe the same layers of every checkpoint on one data set: a layer x checkpoint grid of probe errors.
 
@@ -60,17 +54,12 @@ def sweep_command(
         console.print(f"checkpoint order {used_order} ({why}): {labels}", highlight=False, soft_wrap=True)
     with user_errors():
         check_writable(out)
-        policy = ReductionPolicy(max_features=max_features, global_pool=global_pool, seed=seed)
-        cache = None if no_cache else FeatureCache(default_cache_dir())
-        entries = probecore.parse_layer_spec(layers) if layers else None
         tracker = None
         for index, model in enumerate(models):
-            with model_source(model, device) as source:
+            with model_source(model, spec.device) as source:
                 if tracker is None:  # one data pipeline for every checkpoint
-                    preprocessing = image_preprocessing(source) if data.is_dir() else None
-                    dataset = probecore.load_dataset(data, seed=seed, preprocessing=preprocessing)
-                    fit = FitOptions(l2=parse_floats(l2, "--l2"))
-                    tracker = probecore.ProbeTracker(dataset, entries, policy, fit, batch_size, cache=cache)
+                    dataset, _ = load_data(source, spec, quiet)
+                    tracker = probecore.ProbeTracker(dataset, spec, engine=engine)
                 with progress_bars(quiet) as progress:
                     tracker.progress = progress
                     report = tracker.record(_label(model), source)

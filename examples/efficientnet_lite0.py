@@ -69,6 +69,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("efficientnet-lite0-results"))
     args = parser.parse_args()
 
+    import probecore
     from probecore.backends import torch as probe_torch
 
     pixels, labels = fashion_mnist(args.samples)
@@ -76,7 +77,7 @@ def main() -> None:
     names = probed_layers(model)
     started = time.perf_counter()
     report = probe_torch.probe_module(
-        model, pixels, labels, example, layers=[f"name:{n}" for n in names], input_names=["pixels"]
+        model, pixels, labels, probecore.RunSpec(layers=[f"name:{n}" for n in names]), example, input_names=["pixels"]
     )
     seconds = time.perf_counter() - started
     report.write(args.out)

@@ -44,7 +44,7 @@ def main() -> None:
     torch.manual_seed(0)
     dataset, x_train, y_train = bundled_digits()
     layers = ["input", "conv1", "relu1", "pool1", "conv2", "relu2", "pool2", "fc1", "relu3", "output"]
-    tracker = probecore.ProbeTracker(dataset, layers=[f"name:{name}" for name in layers])
+    tracker = probecore.ProbeTracker(dataset, probecore.RunSpec(layers=[f"name:{name}" for name in layers]))
     model, example = paper_convnet(), x_train[:2]
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     started = time.perf_counter()

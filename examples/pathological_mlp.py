@@ -67,7 +67,7 @@ def main() -> None:
     torch.manual_seed(0)
     dataset, x_train, y_train = bundled_digits()
     fit = probecore.FitOptions(l2=(1e-2, 1e-3, 1e-4))
-    tracker = probecore.ProbeTracker(dataset, fit=fit)  # the default layers: the input, every block, the skip's Add
+    tracker = probecore.ProbeTracker(dataset, probecore.RunSpec(fit=fit))  # the default layers: the input, every block, the skip's Add
     model, example = PathologicalMLP(), x_train[:2]
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
     started = time.perf_counter()

@@ -8,7 +8,7 @@ ONNX files, ``ArraySource`` for activations you already have).
     from probecore.backends.onnx_source import OnnxSource
 
     dataset = probecore.load_dataset("data.npz")
-    report = probecore.run_probes(OnnxSource("model.onnx"), dataset)
+    report = probecore.run_probes(OnnxSource("model.onnx"), dataset, probecore.RunSpec(layers="op:Relu"))
     report.write("results/")
 """
 
@@ -20,9 +20,12 @@ from .errors import (
 )  # fmt: skip
 from .feature_cache import FeatureCache
 from .layers import parse_layer_spec, select_layers
-from .pipeline import ExtractedFeatures, extract_features, run_probes
+from .engine import Engine, LocalEngine
+from .extraction import ExtractedFeatures, ExtractionPlan, extract_features, plan_extraction
+from .pipeline import run_probes
 from .probe import FitOptions, PathPoint, Probe, fit_probe, fit_probes
 from .reduction import Reduction, ReductionPolicy, plan_reduction
+from .run_spec import DataSpec, RunSpec
 from .report import LayerResult, ProbeReport
 from .softmax import SplitMetrics
 from .source import ActivationSource, ArraySource, LayerInfo, ReducingSource
@@ -33,7 +36,13 @@ __version__ = "0.1.0"
 __all__ = [
     "ActivationSource",
     "ArraySource",
+    "DataSpec",
     "DiagnosticOptions",
+    "Engine",
+    "ExtractionPlan",
+    "LocalEngine",
+    "RunSpec",
+    "plan_extraction",
     "Finding",
     "ProbeTracker",
     "SweepReport",

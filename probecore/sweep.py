@@ -11,17 +11,17 @@ from __future__ import annotations
 import csv
 import io
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from .datasets import Dataset
-from .feature_cache import FeatureCache
-from .pipeline import ProgressCallback, run_probes
-from .probe import FitOptions
-from .reduction import ReductionPolicy
+from .engine import Engine
+from .extraction import ProgressCallback
+from .pipeline import run_probes
 from .report import ProbeReport, write_results
+from .run_spec import RunSpec
 from .source import ActivationSource
 
 
@@ -79,7 +79,7 @@ class SweepReport:
 class ProbeTracker:
     """Probe the same layers of a model as it trains: call ``record(step, source)`` every N steps.
 
-        tracker = probecore.ProbeTracker(dataset, layers=["op:Relu"])
+        tracker = probecore.ProbeTracker(dataset, probecore.RunSpec(layers=["op:Relu"]))
         for step in range(steps):
             train_step()
             if step % 500 == 0:
@@ -88,19 +88,15 @@ class ProbeTracker:
     """
 
     def __init__(
-        self, dataset: Dataset, layers: Sequence[str] | None = None, policy: ReductionPolicy = ReductionPolicy(),
-        fit: FitOptions = FitOptions(), batch_size: int = 256, progress: ProgressCallback | None = None,
-        cache: FeatureCache | None = None,
+        self, dataset: Dataset, spec: RunSpec = RunSpec(), progress: ProgressCallback | None = None,
+        engine: Engine | None = None,
     ):  # fmt: skip
-        self.dataset, self.layers, self.policy, self.fit = dataset, layers, policy, fit
-        self.batch_size, self.progress, self.cache = batch_size, progress, cache
+        self.dataset, self.spec, self.progress, self.engine = dataset, spec, progress, engine
         self.sweep = SweepReport()
 
     def record(self, checkpoint, source: ActivationSource) -> ProbeReport:
         """Probe ``source`` (the model as it is now) and add it to the sweep under the label ``checkpoint``."""
-        report = run_probes(
-            source, self.dataset, self.layers, self.policy, self.fit, self.batch_size, self.progress, self.cache
-        )
+        report = run_probes(source, self.dataset, self.spec, self.progress, self.engine)
         report.settings["checkpoint"] = str(checkpoint)
         self.sweep.checkpoints.append(str(checkpoint))
         self.sweep.reports.append(report)
@@ -108,12 +104,11 @@ class ProbeTracker:
 
 
 def run_sweep(
-    checkpoints: Iterable[tuple[str, ActivationSource]], dataset: Dataset, layers: Sequence[str] | None = None,
-    policy: ReductionPolicy = ReductionPolicy(), fit: FitOptions = FitOptions(), batch_size: int = 256,
-    progress: ProgressCallback | None = None, cache: FeatureCache | None = None,
+    checkpoints: Iterable[tuple[str, ActivationSource]], dataset: Dataset, spec: RunSpec = RunSpec(),
+    progress: ProgressCallback | None = None, engine: Engine | None = None,
 ) -> SweepReport:  # fmt: skip
-    """Probe each ``(label, source)`` checkpoint on ``dataset``, in order, with the same layers and options."""
-    tracker = ProbeTracker(dataset, layers, policy, fit, batch_size, progress, cache)
+    """Probe each ``(label, source)`` checkpoint on ``dataset``, in order, with one spec."""
+    tracker = ProbeTracker(dataset, spec, progress, engine)
     for label, source in checkpoints:
         tracker.record(label, source)
     return tracker.sweep

@@ -74,7 +74,7 @@ def test_run_with_a_chosen_strength_and_the_control_task(tmp_path, demo_arrays):
     assert result.exit_code == 0, result.output
     assert "selectivity" in result.stdout and "control err" in result.stdout
     report = json.loads((out / "report.json").read_text())
-    assert report["settings"]["fit"]["l2"] == 1e-2 and report["settings"]["control_task"] is True
+    assert report["settings"]["spec"]["fit"]["l2"] == 1e-2 and report["settings"]["spec"]["control_task"] is True
     for layer in report["layers"]:
         assert layer["fit"]["l2"] == 1e-2 and [point["l2"] for point in layer["fit"]["l2_path"]] == [1e-2]
         control, test = layer["control"], layer["metrics"]["test"]

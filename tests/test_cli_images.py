@@ -45,7 +45,7 @@ def test_run_probes_an_image_folder_and_records_the_preprocessing(tmp_path, rng)
 
 def test_preprocessing_follows_the_model_input(tmp_path, rng):
     source = OnnxSource(save_convnet(tmp_path / "c.onnx", rng, size=8))
-    preprocessing = image_preprocessing(source)
+    preprocessing = image_preprocessing(source, probecore.DataSpec(tmp_path))
     assert (preprocessing.size, preprocessing.channels_last, preprocessing.grayscale) == (8, False, False)
     with pytest.raises(probecore.DataError, match="--image-size 32 does not fit"):
-        image_preprocessing(source, size=32)
+        image_preprocessing(source, probecore.DataSpec(tmp_path, image_size=32))

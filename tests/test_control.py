@@ -53,14 +53,14 @@ def test_selectivity_is_high_for_a_layer_that_encodes_the_labels_and_low_for_one
         "memorizes": rng.normal(size=(n_distinct, 400)).astype(np.float32),
     }
     source = probecore.ArraySource({name: values for name, values in layers.items()})
-    report = probecore.run_probes(source, dataset, fit=probecore.FitOptions(l2=1e-4), control_task=True)
+    report = probecore.run_probes(source, dataset, probecore.RunSpec(fit=probecore.FitOptions(l2=1e-4), control_task=True))
     by_name = {layer.name: layer for layer in report.layers}
     encodes, memorizes = by_name["encodes"], by_name["memorizes"]
     assert encodes.metrics["test"].error < 0.1 and encodes.selectivity > 0.4
     # the memorizing probe scores as well on random labels as on real ones: selectivity near zero
     assert memorizes.metrics["test"].error < 0.2 and abs(memorizes.selectivity) < 0.15
     assert memorizes.control["train"].error < 0.05
-    assert report.settings["control_task"] is True
+    assert report.settings["spec"]["control_task"] is True
     layer = report.to_dict()["layers"][0]
     assert layer["control"]["selectivity"] == pytest.approx(by_name[layer["name"]].selectivity)
     assert set(layer["control"]["metrics"]) == {"train", "valid", "test"}

@@ -24,7 +24,7 @@ def images(rng, n=240, size=32):
 
 def probe_with_cache(path, dataset, cache):
     source = OnnxSource(path, device="cpu")
-    report = probecore.run_probes(source, dataset, fit=probecore.FitOptions(l2=1e-2), cache=cache)
+    report = probecore.run_probes(source, dataset, probecore.RunSpec(fit=probecore.FitOptions(l2=1e-2), cache_dir=cache))
     return source, report
 
 
@@ -37,8 +37,8 @@ def test_open_input_sizes_are_fixed_from_the_data_and_probed_as_a_fixed_model(tm
     fixed_model = save_open_convnet(tmp_path / "fixed.onnx", np.random.default_rng(7), 32, 32)
 
     assert OnnxSource(open_model).layers()[1].shape == (8, None, None) or open_dims[1] == 32
-    fixed_source, fixed = probe_with_cache(fixed_model, dataset, probecore.FeatureCache(tmp_path / "fixed-cache"))
-    cache = probecore.FeatureCache(tmp_path / "cache")
+    fixed_source, fixed = probe_with_cache(fixed_model, dataset, tmp_path / "fixed-cache")
+    cache = tmp_path / "cache"
     open_source, first = probe_with_cache(open_model, dataset, cache)
 
     assert open_source.bytes_fetched == fixed_source.bytes_fetched > 0
@@ -58,7 +58,8 @@ def test_another_size_on_the_same_source_is_planned_for_that_size(tmp_path, rng)
     source = OnnxSource(save_open_convnet(tmp_path / "open.onnx", rng), device="cpu")
     for size, pooled in ((32, "avgpool 2x2"), (16, "none")):
         x, y = images(rng, n=120, size=size)
-        report = probecore.run_probes(source, probecore.split_dataset(x, y), ["relu1"], fit=probecore.FitOptions(l2=1e-2))
+        spec = probecore.RunSpec(layers=["relu1"], fit=probecore.FitOptions(l2=1e-2))
+        report = probecore.run_probes(source, probecore.split_dataset(x, y), spec)
         assert report.layers[0].shape == (8, size, size) and report.layers[0].reduction["description"] == pooled
 
 
@@ -98,7 +99,7 @@ def test_a_layer_no_inference_can_type_is_measured_on_one_sample_then_reduced_in
     assert {layer.name: layer.shape for layer in OnnxSource(path).layers()}["gelu"] is None
     x, y = images(rng, n=160)
     dataset = probecore.split_dataset(x, y)
-    cache = probecore.FeatureCache(tmp_path / "cache")
+    cache = tmp_path / "cache"
     source, first = probe_with_cache(path, dataset, cache)
     gelu = {layer.name: layer for layer in first.layers}["gelu"]
     assert gelu.shape == (8, 32, 32) and gelu.reduction["description"] == "avgpool 2x2"

@@ -58,7 +58,7 @@ def test_every_probed_block_reads_the_fashion_classes(lite0):
 
     pixels, labels = example.fashion_mnist(600)
     dataset = probecore.split_dataset(pixels, labels, seed=0)
-    report = probecore.run_probes(source, dataset, ["pixels", "net._blocks.3", "net._swish:2"])
+    report = probecore.run_probes(source, dataset, probecore.RunSpec(layers=["pixels", "net._blocks.3", "net._swish:2"]))
     errors = {layer.name: layer.metrics["test"].error for layer in report.layers}
     assert list(errors) == ["pixels", "net._blocks.3", "net._swish:2"]
     assert max(errors.values()) < 0.3, errors  # chance is 0.9; misaligned labels or features would show

@@ -126,7 +126,7 @@ def save_skip_mlp(path, rng, dead: bool, depth=5, width=CHANNELS):
 def probe(path, rng):
     x, y = images(rng)
     source = OnnxSource(path, device="cpu")
-    report = probecore.run_probes(source, probecore.split_dataset(x, y, seed=0), fit=probecore.FitOptions(l2=1e-3))
+    report = probecore.run_probes(source, probecore.split_dataset(x, y, seed=0), probecore.RunSpec(fit=probecore.FitOptions(l2=1e-3)))
     return source, report
 
 

@@ -256,6 +256,6 @@ def test_inputs_of_any_numeric_dtype_are_layers_and_images_among_them_default_on
     ids = rng.integers(0, 100, (90, 5))
     y = (img[:, 0].mean(axis=(1, 2)) > 127).astype(np.int64)
     dataset = probecore.split_dataset(probecore.pack_inputs(img=img, ids=ids), y)
-    report = probecore.run_probes(source, dataset, ["img", "ids"], fit=probecore.FitOptions(l2=1e-2))
+    report = probecore.run_probes(source, dataset, probecore.RunSpec(layers=["img", "ids"], fit=probecore.FitOptions(l2=1e-2)))
     assert [layer.name for layer in report.layers] == ["img", "ids"]
     assert report.layers[0].reduction["features_out"] == 192 and report.layers[1].reduction["features_out"] == 5

@@ -67,7 +67,7 @@ def test_pipeline_features_match_with_and_without_in_graph_reduction(tmp_path, r
     for in_graph in (True, False):
         source = OnnxSource(model, reduce_in_graph=in_graph)
         chosen = probecore.select_layers(source.layers(), None)
-        results[in_graph] = probecore.extract_features(source, dataset, chosen, policy, batch_size=16)
+        results[in_graph] = probecore.extract_features(source, dataset, chosen, probecore.RunSpec(policy=policy, batch_size=16))
     assert results[True].reduced_by_source and not results[False].reduced_by_source
     for layer, by_split in results[False].by_layer.items():
         for split, host in by_split.items():

@@ -67,8 +67,8 @@ def test_report_records_how_the_run_was_made(demo):
     settings = report.settings
     assert len(settings["source"]["model_sha256"]) == 64
     assert settings["source"]["provider"] in ("CPUExecutionProvider", "CUDAExecutionProvider")
-    assert settings["reduction"]["seed"] == 0 and settings["fit"]["l2"] == probecore.FitOptions().l2
-    assert settings["seconds"]["fit"] > 0 and settings["control_task"] is False
+    assert settings["spec"]["policy"]["seed"] == 0 and tuple(settings["spec"]["fit"]["l2"]) == probecore.FitOptions().l2
+    assert settings["seconds"]["fit"] > 0 and settings["spec"]["control_task"] is False
     assert {"numpy", "numba", "onnx"} <= set(settings["versions"])
     assert report.split_sizes == {"train": 3500, "valid": 500, "test": 1000}
 
@@ -81,7 +81,7 @@ def test_array_source_probes_precomputed_activations_with_string_labels(rng):
     noise = rng.normal(size=(n, 4, 5, 5))
     source = probecore.ArraySource({"noise": noise.astype(np.float32), "signal": informative.astype(np.float32)})
     dataset = probecore.split_dataset(np.arange(n), labels, seed=3)
-    report = probecore.run_probes(source, dataset, policy=probecore.ReductionPolicy(max_features=50))
+    report = probecore.run_probes(source, dataset, probecore.RunSpec(policy=probecore.ReductionPolicy(max_features=50)))
     errors = {layer.name: layer.metrics["test"].error for layer in report.layers}
     assert errors["signal"] < 0.05 and errors["noise"] > 0.4
     assert report.classes == ["cat", "dog", "owl"]
@@ -115,7 +115,8 @@ def test_unreduced_activations_are_never_held_whole(rng):
     dataset = probecore.split_dataset(np.arange(n_samples), source.labels, seed=0)
     chosen = source.layers()
     tracemalloc.start()
-    features = probecore.extract_features(source, dataset, chosen, probecore.ReductionPolicy(max_features=64), 100)
+    spec = probecore.RunSpec(policy=probecore.ReductionPolicy(max_features=64), batch_size=100)
+    features = probecore.extract_features(source, dataset, chosen, spec)
     peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
     assert max(source.batches) <= 100 and sum(source.batches) == n_samples

@@ -24,10 +24,11 @@ def dataset():
     return probecore.load_dataset(DEMO_DATA)
 
 
-def extract(dataset, cache, **source_options):
+def extract(dataset, cache_dir, cache_dtype="float32", **source_options):
     source = OnnxSource(DEMO_MODEL, device="cpu", **source_options)
     chosen = probecore.select_layers(source.layers(), LAYERS)
-    return source, probecore.extract_features(source, dataset, chosen, batch_size=500, cache=cache)
+    spec = probecore.RunSpec(batch_size=500, cache_dir=cache_dir, cache_dtype=cache_dtype)
+    return source, probecore.extract_features(source, dataset, chosen, spec)
 
 
 def assert_same_features(first, second):
@@ -38,9 +39,8 @@ def assert_same_features(first, second):
 
 
 def test_a_cache_hit_runs_no_forward_pass(tmp_path, dataset):
-    cache = probecore.FeatureCache(tmp_path)
-    _, first = extract(dataset, cache)
-    source, second = extract(dataset, cache)
+    _, first = extract(dataset, tmp_path)
+    source, second = extract(dataset, tmp_path)
     assert first.splits_from_cache == 0 and second.splits_from_cache == 3
     assert source.bytes_fetched == 0 and source._session is None
     assert_same_features(first, second)
@@ -49,19 +49,18 @@ def test_a_cache_hit_runs_no_forward_pass(tmp_path, dataset):
 
 
 def test_other_reductions_or_data_make_other_entries(tmp_path, dataset):
-    cache = probecore.FeatureCache(tmp_path)
-    extract(dataset, cache)
+    extract(dataset, tmp_path)
     source = OnnxSource(DEMO_MODEL, device="cpu")
     chosen = probecore.select_layers(source.layers(), LAYERS)
     policy = probecore.ReductionPolicy(pool="max")
-    other = probecore.extract_features(source, dataset, chosen, policy, batch_size=500, cache=cache)
+    other = probecore.extract_features(source, dataset, chosen, probecore.RunSpec(policy=policy, batch_size=500, cache_dir=tmp_path))
     assert other.splits_from_cache == 0 and source.bytes_fetched > 0
     assert len(list(tmp_path.iterdir())) == 6
 
 
 def test_float16_storage_halves_the_files_and_keeps_probe_error(tmp_path, dataset):
-    _, full = extract(dataset, probecore.FeatureCache(tmp_path / "f32"))
-    _, half = extract(dataset, probecore.FeatureCache(tmp_path / "f16", storage_dtype="float16"))
+    _, full = extract(dataset, tmp_path / "f32")
+    _, half = extract(dataset, tmp_path / "f16", "float16")
     sizes = {name: sum(f.stat().st_size for f in (tmp_path / name).rglob("*.npy")) for name in ("f32", "f16")}
     assert sizes["f16"] < 0.52 * sizes["f32"]
     for layer in LAYERS:
@@ -85,8 +84,8 @@ WORKER = textwrap.dedent(
     chosen = probecore.select_layers(source.layers(), {layers!r})
     delay = float(sys.argv[2])
     progress = lambda *args: time.sleep(delay)
-    cache = probecore.FeatureCache(sys.argv[1])
-    probecore.extract_features(source, dataset, chosen, batch_size=100, progress=progress, cache=cache)
+    spec = probecore.RunSpec(batch_size=100, cache_dir=sys.argv[1])
+    probecore.extract_features(source, dataset, chosen, spec, progress)
     """
 ).format(layers=LAYERS)
 
@@ -117,9 +116,9 @@ def test_kill_9_mid_extraction_then_rerun_gives_identical_features(tmp_path, dat
     worker.wait()
     interrupted_at = recorded_rows(cache_dir)
     assert 300 <= interrupted_at < len(dataset.train) + len(dataset.valid) + len(dataset.test)
-    source, resumed = extract(dataset, probecore.FeatureCache(cache_dir))
+    source, resumed = extract(dataset, cache_dir)
     assert resumed.splits_from_cache < 3  # the interrupted split was finished, not read whole
-    _, uninterrupted = extract(dataset, probecore.FeatureCache(tmp_path / "fresh"))
+    _, uninterrupted = extract(dataset, tmp_path / "fresh")
     assert_same_features(resumed, uninterrupted)
 
 
@@ -128,7 +127,7 @@ def test_two_runs_on_one_cache_both_succeed_and_agree(tmp_path, dataset):
     workers = [start_worker(tmp_path, cache_dir, delay=0.0) for _ in range(2)]
     for worker in workers:
         assert worker.wait(timeout=120) == 0, worker.stderr.read().decode()
-    _, cached = extract(dataset, probecore.FeatureCache(cache_dir))
+    _, cached = extract(dataset, cache_dir)
     assert cached.splits_from_cache == 3
     _, fresh = extract(dataset, None)
     assert_same_features(cached, fresh)
@@ -155,10 +154,9 @@ class WideSource(probecore.ArraySource):
 def extraction_peak_bytes(tmp_path, rng, n_samples) -> int:
     source = WideSource(n_samples, rng)
     data = probecore.split_dataset(np.arange(n_samples), rng.integers(0, 4, n_samples), seed=0)
-    cache = probecore.FeatureCache(tmp_path / str(n_samples))
-    policy = probecore.ReductionPolicy(max_features=1024)
+    spec = probecore.RunSpec(policy=probecore.ReductionPolicy(max_features=1024), batch_size=100, cache_dir=tmp_path / str(n_samples))
     tracemalloc.start()
-    features = probecore.extract_features(source, data, source.layers(), policy, batch_size=100, cache=cache)
+    features = probecore.extract_features(source, data, source.layers(), spec)
     peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
     assert features.by_layer["wide"]["train"].shape == (len(data.train), 1024)
@@ -176,9 +174,9 @@ def test_layers_in_groups_give_the_same_features_with_one_pass_per_group(tmp_pat
     _, together = extract(dataset, None)
     source = OnnxSource(DEMO_MODEL, device="cpu")
     chosen = probecore.select_layers(source.layers(), LAYERS)
-    cache = probecore.FeatureCache(tmp_path)
-    grouped = probecore.extract_features(source, dataset, chosen, batch_size=500, cache=cache, layers_per_pass=2)
+    spec = probecore.RunSpec(batch_size=500, cache_dir=tmp_path, layers_per_pass=2)
+    grouped = probecore.extract_features(source, dataset, chosen, spec)
     assert_same_features(grouped, together)
     assert len(list(tmp_path.iterdir())) == 6  # 2 groups x 3 splits
     with pytest.raises(probecore.ReductionError, match="layers_per_pass must be at least 1"):
-        probecore.extract_features(source, dataset, chosen, layers_per_pass=0)
+        probecore.RunSpec(layers_per_pass=0)

@@ -68,7 +68,7 @@ def test_channels_last_feature_maps_are_pooled_over_height_and_width(branched, r
     dataset = probecore.split_dataset(x, np.arange(40) % 2)
     conv1 = next(layer for layer in source.layers() if layer.name == "conv1")
     policy = probecore.ReductionPolicy(max_features=8 * 5 * 5)  # 14x14x8 -> 3x3 windows: 8 x 5 x 5
-    extracted = probecore.extract_features(source, dataset, [conv1], policy)
+    extracted = probecore.extract_features(source, dataset, [conv1], probecore.RunSpec(policy=policy))
     reduction = extracted.reductions["conv1"]
     assert reduction.layout == "channels_last" and reduction.window == 3
     maps = np.asarray(keras.Model(model.inputs, model.get_layer("conv1").output)([dataset.train.x]))
@@ -81,7 +81,7 @@ def test_probe_model_finds_the_labels_in_the_input(rng):
     labels = rng.integers(0, 3, size=300)
     images = rng.normal(size=(300, 16, 16, 3)).astype(np.float32)
     images[..., 0] += labels[:, None, None]
-    report = probe_tf.probe_model(branched_model(), images, labels, layers="image,conv1,add")
+    report = probe_tf.probe_model(branched_model(), images, labels, probecore.RunSpec(layers="image,conv1,add"))
     assert [layer.name for layer in report.layers] == ["image", "conv1", "add"]
     assert report.layers[0].metrics["test"].error < 0.1
 
@@ -106,8 +106,8 @@ def test_a_keras_models_input_is_pooled_channels_last_on_a_task_defined_by_the_c
     source = OnnxSource(probe_tf.export(model, tmp_path / "colours.onnx"))
     assert {layer.name: layer.layout for layer in source.layers()}["image"] == "channels_last"
     policy = probecore.ReductionPolicy(max_features=1024)
-    report = probecore.run_probes(source, probecore.split_dataset(images, labels), ["image"], policy,
-                                  probecore.FitOptions(l2=1e-3))  # fmt: skip
+    spec = probecore.RunSpec(layers=["image"], policy=policy, fit=probecore.FitOptions(l2=1e-3))
+    report = probecore.run_probes(source, probecore.split_dataset(images, labels), spec)
     (layer,) = report.layers
     assert layer.reduction["layout"] == "channels_last" and layer.reduction["description"] == "avgpool 6x6"
     assert layer.metrics["test"].error < 0.05

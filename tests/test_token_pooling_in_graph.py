@@ -97,7 +97,7 @@ def test_extract_features_pools_tokens_in_the_graph(tmp_path, rng, tokens):
     for in_graph in (True, False):
         source = OnnxSource(path, reduce_in_graph=in_graph)
         chosen = probecore.select_layers(source.layers(), LAYERS)
-        results[in_graph] = probecore.extract_features(source, dataset, chosen, policy, batch_size=16)
+        results[in_graph] = probecore.extract_features(source, dataset, chosen, probecore.RunSpec(policy=policy, batch_size=16))
         fetched[in_graph] = source.bytes_fetched
     assert results[True].reduced_by_source and not results[False].reduced_by_source
     assert fetched[True] == len(x) * WIDTH * 4 * len(LAYERS)  # not N * T * D * 4
@@ -174,7 +174,7 @@ def test_an_exported_torch_transformer_pools_tokens_in_the_graph(tmp_path, rng):
             source = OnnxSource(path, reduce_in_graph=in_graph)
             chosen = probecore.select_layers(source.layers(), names)
             policy = probecore.ReductionPolicy(tokens=tokens)
-            results[in_graph] = probecore.extract_features(source, dataset, chosen, policy)
+            results[in_graph] = probecore.extract_features(source, dataset, chosen, probecore.RunSpec(policy=policy))
             fetched[in_graph] = source.bytes_fetched
         assert results[True].reduced_by_source and not results[False].reduced_by_source
         assert fetched[True] * N_TOKENS == fetched[False] == len(x) * N_TOKENS * (16 + 32 + 16) * 4

@@ -134,7 +134,7 @@ def test_transformer_layers_are_pooled_over_real_tokens_only(tokens, tmp_path, r
     assert layer.default and layer.op_type == "TransformerEncoderLayer"
     x = probecore.pack_inputs(input_ids=ids, attention_mask=mask)
     dataset = probecore.split_dataset(np.concatenate([x] * 4), np.arange(4 * n) % 3)
-    extracted = probecore.extract_features(source, dataset, [layer], probecore.ReductionPolicy(tokens=tokens))
+    extracted = probecore.extract_features(source, dataset, [layer], probecore.RunSpec(policy=probecore.ReductionPolicy(tokens=tokens)))
     assert extracted.reductions[block].tokens == tokens  # pooled in the graph or on the host: the same features
     # reference: each sequence alone, unpadded, through torch; padding must change nothing
     hooks = {}
@@ -166,7 +166,7 @@ def test_record_probes_the_current_weights_into_a_tracker(rng):
     labels = rng.integers(0, 3, size=300)
     x = rng.normal(size=(300, 6)).astype(np.float32)
     x[:, 0] += 3 * labels
-    tracker = probecore.ProbeTracker(probecore.split_dataset(x, labels, seed=0), layers=["1", "output"])
+    tracker = probecore.ProbeTracker(probecore.split_dataset(x, labels, seed=0), probecore.RunSpec(layers=["1", "output"]))
     first = probe_torch.record(tracker, "init", model, x[:2])
     optimizer = torch.optim.Adam(model.parameters(), lr=0.05)
     for _ in range(100):

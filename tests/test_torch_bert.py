@@ -275,7 +275,7 @@ def test_attention_scores_are_a_side_branch_and_the_layers_the_main_path(bert, r
     assert {roles[f"encoder.layer.{i}"] for i in range(LAYERS - 1)} == {"main"}
     inputs = bert_inputs(rng, 400)
     labels = (inputs["input_ids"][:, 0] > VOCAB // 2).astype(np.int64)  # the first token's id: readable all along
-    report = probe_torch.probe_module(bert[0], inputs, labels, fit=probecore.FitOptions(l2=1e-3))
+    report = probe_torch.probe_module(bert[0], inputs, labels, probecore.RunSpec(fit=probecore.FitOptions(l2=1e-3)))
     assert not any(layer.role == "side" for layer in report.layers)
     probed = {layer.name: layer for layer in report.layers}
     upstream, pending = set(), list(probed["encoder.layer.1"].parents)

@@ -31,7 +31,7 @@ def test_a_torch_model_fed_nhwc_has_its_input_pooled_channels_last(rng):
     policy = probecore.ReductionPolicy(max_features=768)  # 96 x 96 x 3 = 27 648 input features: pooled
     with torch.no_grad():  # the example is (N, H, W, C), and torch's own output takes it so
         assert ChannelsLastNet()(torch.from_numpy(images[:2])).shape == (2, 3)
-    report = probe_torch.probe_module(ChannelsLastNet(), images, labels, policy=policy)
+    report = probe_torch.probe_module(ChannelsLastNet(), images, labels, probecore.RunSpec(policy=policy))
     by_name = {layer.name: layer for layer in report.layers}
     pooled = by_name["images"]
     assert pooled.reduction["features_in"] == side * side * 3 and pooled.n_features <= 768

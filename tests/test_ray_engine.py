@@ -1,0 +1,198 @@
+"""The Ray engine on a 3-node cluster of 1 CPU each (``ray.cluster_utils.Cluster``, all on this machine): the
+report a local run gives, also when an extraction actor or a fitting worker is killed, and a rerun after the
+driver was killed resumes from the shards it finished."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+ray = pytest.importorskip("ray")
+cloudpickle = pytest.importorskip("ray.cloudpickle")
+
+import probecore  # noqa: E402
+from probecore.backends.onnx_source import OnnxSource  # noqa: E402
+from probecore.backends.ray_engine import RayEngine  # noqa: E402
+from probecore.bundled import DEMO_DATA, DEMO_MODEL  # noqa: E402
+from test_cli import invoke, small_npz  # noqa: E402
+
+cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the workers get this module's sources by value
+SPEC = probecore.RunSpec(layers="relu1,pool2,relu3,logits", fit=probecore.FitOptions(l2=(1e-2, 1e-3)), batch_size=100)
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    for _ in range(2):
+        cluster.add_node(num_cpus=1)
+    ray.init(address=cluster.address, logging_level="ERROR", log_to_driver=False)
+    yield cluster
+    ray.shutdown()
+    cluster.shutdown()
+
+
+@pytest.fixture(scope="module")
+def dataset():
+    pool = probecore.load_dataset(DEMO_DATA)
+    return probecore.split_dataset(pool.train.x[:1500], pool.train.y[:1500], seed=0)
+
+
+@pytest.fixture(scope="module")
+def local(dataset):
+    return probecore.run_probes(OnnxSource(DEMO_MODEL, device="cpu"), dataset, SPEC)
+
+
+def assert_same_report(ours: dict, theirs: dict):
+    """Splits, chosen strengths and errors equal; losses within 1e-5 (relative)."""
+    assert ours["split_sizes"] == theirs["split_sizes"] and ours["model"] == theirs["model"]
+    assert [layer["name"] for layer in ours["layers"]] == [layer["name"] for layer in theirs["layers"]]
+    for mine, other in zip(ours["layers"], theirs["layers"]):
+        assert mine["fit"]["l2"] == other["fit"]["l2"], mine["name"]
+        for split, metrics in mine["metrics"].items():
+            assert metrics["error"] == other["metrics"][split]["error"], (mine["name"], split)
+            assert metrics["loss"] == pytest.approx(other["metrics"][split]["loss"], rel=1e-5), (mine["name"], split)
+
+
+class KilledOnce(OnnxSource):
+    """The demo model, whose process is killed (SIGKILL) after its first batch, once per marker file."""
+
+    def __init__(self, marker: Path):
+        super().__init__(DEMO_MODEL, device="cpu")
+        self.marker = str(marker)
+
+    def reduced_activations(self, *args, **kwargs):
+        for index, batch in enumerate(super().reduced_activations(*args, **kwargs)):
+            yield batch
+            if index == 0 and _first(self.marker):
+                os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _first(marker: str) -> bool:
+    try:
+        os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        return True
+    except FileExistsError:
+        return False
+
+
+def test_probe_run_on_ray_writes_the_local_report(cluster, tmp_path, demo_arrays):
+    data = small_npz(tmp_path / "d.npz", demo_arrays)
+    options = ["--data", data, "--layers", "relu1,relu3,logits", "--l2", "1e-2,1e-3", "--batch-size", "100", "--quiet"]
+    local = invoke("run", DEMO_MODEL, "--out", tmp_path / "local", "--no-cache", *options)
+    on_ray = invoke("run", DEMO_MODEL, "--out", tmp_path / "ray", "--cache-dir", tmp_path / "cache",
+                    "--ray", cluster.address, *options)  # fmt: skip
+    assert local.exit_code == 0 and on_ray.exit_code == 0, local.output + on_ray.output
+    written = {name: json.loads((tmp_path / name / "report.json").read_text()) for name in ("local", "ray")}
+    assert_same_report(written["ray"], written["local"])
+    assert written["ray"]["settings"]["engine"]["kind"] == "ray" and written["ray"]["settings"]["engine"]["nodes"] == 3
+
+
+def test_an_extraction_actor_killed_mid_shard_changes_no_number(cluster, tmp_path, dataset, local):
+    spec = probecore.RunSpec(**{**vars(SPEC), "cache_dir": str(tmp_path / "cache")})
+    source = KilledOnce(tmp_path / "killed")
+    report = probecore.run_probes(source, dataset, spec, engine=RayEngine(cluster.address, shard_batches=2))
+    assert (tmp_path / "killed").exists()  # an actor did die, and its shard was redone
+    assert_same_report(report.to_dict(), local.to_dict())
+
+
+def running_fits() -> dict[int, str]:
+    """pid -> title of the worker processes running a fit now (Ray titles a busy worker ``ray::<task name>``)."""
+    found = {}
+    for proc in Path("/proc").iterdir():
+        try:
+            title = (proc / "cmdline").read_bytes().split(b"\0")[0].decode()
+        except (OSError, ValueError):
+            continue
+        if title.startswith("ray::fit "):
+            found[int(proc.name)] = title
+    return found
+
+
+@pytest.mark.skipif(not Path("/proc/self/cmdline").exists(), reason="finds the fitting workers in /proc")
+def test_a_fitting_worker_killed_mid_fit_changes_no_number(cluster, dataset, local):
+    killed, stop = [], threading.Event()
+
+    def kill_one_fit():
+        while not stop.is_set() and not killed:
+            for pid, title in running_fits().items():
+                os.kill(pid, signal.SIGKILL)
+                killed.append(title)
+                break
+            time.sleep(0.05)
+
+    killer = threading.Thread(target=kill_one_fit)
+    killer.start()
+    try:
+        report = probecore.run_probes(OnnxSource(DEMO_MODEL, device="cpu"), dataset, SPEC, engine=RayEngine(cluster.address))
+    finally:
+        stop.set()
+        killer.join()
+    assert killed, "no fit was running to kill"
+    assert_same_report(report.to_dict(), local.to_dict())
+
+
+DRIVER = textwrap.dedent(
+    """
+    import sys, time
+    import numpy as np
+    import probecore
+    from probecore.backends.onnx_source import OnnxSource
+    from probecore.backends.ray_engine import RayEngine
+    from probecore.bundled import DEMO_DATA, DEMO_MODEL
+
+    class Slow(OnnxSource):  # a pause after each batch: the driver is killed part way
+        delay = float(sys.argv[3])
+
+        def reduced_activations(self, *args, **kwargs):
+            for batch in super().reduced_activations(*args, **kwargs):
+                time.sleep(self.delay)
+                yield batch
+
+    pool = probecore.load_dataset(DEMO_DATA)
+    dataset = probecore.split_dataset(pool.train.x[:1500], pool.train.y[:1500], seed=0)
+    spec = probecore.RunSpec(layers="relu1,pool2,relu3,logits", fit=probecore.FitOptions(l2=(1e-2, 1e-3)),
+                             batch_size=100, cache_dir=sys.argv[2])
+    report = probecore.run_probes(Slow(DEMO_MODEL, device="cpu"), dataset, spec, engine=RayEngine(sys.argv[1], shard_batches=1))
+    print(report.to_json())
+    """
+)
+
+
+def finished_shards(cache_dir: Path) -> int:
+    done = 0
+    for manifest in cache_dir.glob("*/manifest.json"):
+        try:
+            done += json.loads(manifest.read_text())["complete"]
+        except (ValueError, KeyError):
+            continue
+    return done
+
+
+def test_a_rerun_after_the_driver_was_killed_resumes_from_the_finished_shards(cluster, tmp_path, local):
+    script, cache = tmp_path / "driver.py", tmp_path / "cache"
+    script.write_text(DRIVER)
+    driver = subprocess.Popen([sys.executable, str(script), cluster.address, str(cache), "0.5"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
+    deadline = time.monotonic() + 120
+    while finished_shards(cache) < 3 and driver.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert driver.poll() is None, driver.stderr.read().decode()[-3000:]  # still running: killed part way
+    driver.send_signal(signal.SIGKILL)
+    driver.wait()
+    finished = finished_shards(cache)
+    assert 3 <= finished < 16  # 16 shards (a batch each: train 1050, valid 150, test 300 samples): some done
+    rerun = subprocess.run([sys.executable, str(script), cluster.address, str(cache), "0"], capture_output=True,
+                           text=True, timeout=300)  # fmt: skip
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    report = json.loads(rerun.stdout)
+    assert report["settings"]["cache"]["splits_from_cache"] >= finished
+    assert_same_report(report, local.to_dict())
