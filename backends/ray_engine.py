@@ -49,6 +49,7 @@ class RayEngine:
         _ray()  # a missing extra is said before any work
         self.address, self.actors, self.fit_cpus, self.shard_batches = address, actors, fit_cpus, shard_batches
         self._connected = False
+        self.shard_log: list[dict] = []  # the last extraction's shards: split, rows, node, device (report.json)
 
     def _connect(self):
         ray = _ray()
@@ -68,30 +69,37 @@ class RayEngine:
             self._connected = True
         return ray
 
-    def _actor_count(self, ray) -> int:
+    def _actor_count(self, ray, gpus: int) -> int:
+        if gpus:  # one actor per GPU: each holds its own session on its device
+            return self.actors or int(ray.cluster_resources().get("GPU", 0))
         return self.actors or max(1, int(ray.cluster_resources().get("CPU", 1)) - 1)
 
     def extract(self, source, plan: ExtractionPlan, progress=None):
         ray = self._connect()
         progress = progress or (lambda *args: None)
-        actors = self._actor_count(ray)
+        # on the cluster's GPUs when it has some and the source may use one (an OnnxSource not held to "cpu")
+        gpus = int(ray.cluster_resources().get("GPU", 0) >= 1 and getattr(source, "device", "cpu") != "cpu")
+        actors = self._actor_count(ray, gpus)
         shards = self.shards(plan, actors)
         plan_ref = ray.put(plan)
         rows = ray.data.from_items(shards, override_num_blocks=len(shards))
         extracted_shards = rows.map_batches(
             ShardExtractor, fn_constructor_args=(source, plan_ref), batch_size=1, batch_format="numpy",
-            compute=ray.data.ActorPoolStrategy(size=min(actors, len(shards))), num_cpus=1,
+            compute=ray.data.ActorPoolStrategy(size=min(actors, len(shards))), num_cpus=1, num_gpus=gpus,
         )  # fmt: skip
         parts: dict[tuple[int, str], dict[int, dict]] = {}
         extracted = empty_features(plan)
-        done = 0
+        done, self.shard_log = 0, []
         for batch in extracted_shards.iter_batches(batch_size=1, batch_format="numpy", prefetch_batches=0):
             index, split, start = int(batch["group"][0]), str(batch["split"][0]), int(batch["start"][0])
             arrays = pickle.loads(batch["features"][0])
             parts.setdefault((index, split), {})[start] = arrays
             extracted.splits_from_cache += int(batch["from_cache"][0])
             done += int(batch["stop"][0]) - start
-            progress("extract", done, plan.total_samples, split)
+            self.shard_log.append({"group": index, "split": split, "rows": [start, int(batch["stop"][0])],
+                                   "node": str(batch["node"][0]), "device": str(batch["device"][0]),
+                                   "from_cache": bool(batch["from_cache"][0])})  # fmt: skip
+            progress("extract", done, plan.total_samples, f"{split}, {len(self.shard_log)}/{len(shards)} shards")
         for (index, split), by_start in parts.items():
             ordered = [by_start[start] for start in sorted(by_start)]
             add_task_result(extracted, plan, index, split, {name: np.concatenate([part[name] for part in ordered])
@@ -133,7 +141,8 @@ class RayEngine:
     def describe(self) -> dict:
         ray = self._connect()
         return {"kind": "ray", "address": self.address, "nodes": len([n for n in ray.nodes() if n["Alive"]]),
-                "cpus": int(ray.cluster_resources().get("CPU", 0)), "fit_cpus": self.fit_cpus}  # fmt: skip
+                "cpus": int(ray.cluster_resources().get("CPU", 0)), "gpus": int(ray.cluster_resources().get("GPU", 0)),
+                "fit_cpus": self.fit_cpus, "shards": self.shard_log}  # fmt: skip
 
 
 class ShardExtractor:
@@ -158,5 +167,9 @@ class ShardExtractor:
             parts = list(batches(x))
             arrays = {name: np.concatenate([part[name] for part in parts]) for name in parts[0]}
             from_cache = False
+        import ray
+
+        device = getattr(self.source, "provider", None) or "host"  # an OnnxSource's onnxruntime provider
         return {**{k: batch[k] for k in ("group", "split", "start", "stop")},
+                "node": np.array([ray.get_runtime_context().get_node_id()]), "device": np.array([device]),
                 "from_cache": np.array([from_cache]), "features": np.array([pickle.dumps(arrays, protocol=5)], dtype=object)}  # fmt: skip

@@ -196,10 +196,10 @@ def instrument(sampler: StageSampler) -> None:
     """Point the pipeline's stage functions at wrappers that tell ``sampler`` which stage runs (module
     attributes looked up at call time: nothing in probecore is edited)."""
     import probecore
-    from probecore import pipeline, report
+    from probecore import engine, pipeline, report
 
     probecore.load_dataset = sampler.wrap("load", probecore.load_dataset)
-    pipeline._extract = sampler.wrap("extract", pipeline._extract)
+    engine.LocalEngine.extract = sampler.wrap("extract", engine.LocalEngine.extract)
     pipeline.activation_counts = sampler.wrap("counts", pipeline.activation_counts)
     pipeline._fit_layers = sampler.wrap("fit", pipeline._fit_layers)
     pipeline._fit_and_score = sampler.wrap("score", pipeline._fit_and_score)  # outer: counts and fit nest in it

@@ -305,6 +305,7 @@ def test_value_and_grad_wrapper(n, d, c, paired, record, monkeypatch):
 
 
 ITERATION_SHAPES = [shape for shape in SHAPES if shape[0] * shape[1] * shape[2] >= 10**7]
+ITERATION_L2 = 1e-4
 SHORT_FIT, LONG_FIT = 10, 40  # iterations: the difference of the two fits' times is LONG - SHORT iterations
 
 
@@ -315,16 +316,20 @@ def test_iteration_against_limits(n, d, c, paired, record, monkeypatch, benchmar
     preconditioner and the copies included), as GFLOP/s of the one evaluation an iteration needs, against the
     same limits. Setup (standardization, preconditioner) cancels out: the time of a 10-iteration fit is
     subtracted from that of a 40-iteration fit, both from zero with ``tol=0`` (per iteration actually run: a
-    fit that reaches the float32 loss's resolution first ends early). Labels from a noisy linear teacher, so
-    the fit has something to learn, as a probe does."""
+    fit that reaches the float32 loss's resolution first ends early). The features are correlated as a layer's
+    activations are (32 shared latent factors plus noise: independent Gaussian features make an easy problem
+    that reaches float32 resolution within 15 iterations, where every line search then fails), the labels
+    from a noisy linear teacher on the factors, so the fit has something to learn."""
     quick = benchmark.disabled
     short_fit, long_fit = (2, 6) if quick else (SHORT_FIT, LONG_FIT)
     if quick:
         n = min(n, max(QUICK_ROWS, 2 * d))  # more rows than features, as in the full run
     limits = machine_limits(quick)
-    features, _, _ = _problem(n, d, c)
-    teacher = np.random.default_rng([7, d, c]).standard_normal((d, c), dtype=np.float32) / np.sqrt(d)
-    labels = (features @ teacher + np.random.default_rng(8).gumbel(size=(n, c))).argmax(axis=1)
+    rng = np.random.default_rng([9, n, d, c])
+    factors = rng.standard_normal((n, 32), dtype=np.float32)
+    features = factors @ rng.standard_normal((32, d), dtype=np.float32) + rng.standard_normal((n, d), dtype=np.float32)
+    teacher = rng.standard_normal((32, c), dtype=np.float32)
+    labels = (factors @ teacher + rng.gumbel(size=(n, c))).argmax(axis=1)
     evaluations = []
     counting = SoftmaxLoss.value_and_grad
 
@@ -335,7 +340,8 @@ def test_iteration_against_limits(n, d, c, paired, record, monkeypatch, benchmar
     monkeypatch.setattr(SoftmaxLoss, "value_and_grad", counted)
 
     def fit(iterations):
-        return fit_probe(features, labels, c, options=FitOptions(l2=L2, max_iter=iterations, tol=0, threads=1))
+        options = FitOptions(l2=ITERATION_L2, max_iter=iterations, tol=0, threads=1)
+        return fit_probe(features, labels, c, options=options)
 
     fit(2)  # compile and warm up
     short = lambda: fit(short_fit)  # noqa: E731

@@ -38,7 +38,8 @@ class FitOptions:
     ``max_iter``. Its ``stop_reason`` says which: ``settled``, ``converged``, ``max_iter``, or
     ``line_search_failed`` when no step lowered the loss (usually a ``tol`` below what the float32 loss can
     resolve). With ``precondition`` L-BFGS starts from ``precondition.SpectralPreconditioner`` as its
-    guess of the inverse Hessian: the same objective and optimum, reached in fewer iterations. Features are standardized with the training split's mean and spread unless
+    guess of the inverse Hessian: the same objective and optimum, reached in fewer iterations. Features are
+    standardized with the training split's mean and spread unless
     ``standardize`` is False.
 
     Threads: ``fit_probes`` fits up to ``threads`` layers at once (None: one per available core), and their

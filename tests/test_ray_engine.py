@@ -96,7 +96,14 @@ def test_probe_run_on_ray_writes_the_local_report(cluster, tmp_path, demo_arrays
     assert local.returncode == 0 and on_ray.exit_code == 0, local.stderr + on_ray.output
     written = {name: json.loads((tmp_path / name / "report.json").read_text()) for name in ("local", "ray")}
     assert_same_report(written["ray"], written["local"])
-    assert written["ray"]["settings"]["engine"]["kind"] == "ray" and written["ray"]["settings"]["engine"]["nodes"] == 3
+    engine = written["ray"]["settings"]["engine"]
+    assert engine["kind"] == "ray" and engine["nodes"] == 3
+    # every shard recorded with the node and device that extracted it, the rows of each split covered once
+    assert {shard["device"] for shard in engine["shards"]} == {"CPUExecutionProvider"}
+    assert all(len(shard["node"]) > 8 for shard in engine["shards"])
+    for split, size in written["ray"]["split_sizes"].items():
+        rows = sorted(shard["rows"] for shard in engine["shards"] if shard["split"] == split)
+        assert rows[0][0] == 0 and rows[-1][1] == size and all(a[1] == b[0] for a, b in zip(rows, rows[1:]))
 
 
 def test_an_extraction_actor_killed_mid_shard_changes_no_number(cluster, tmp_path, dataset, local):
@@ -199,3 +206,19 @@ def test_a_rerun_after_the_driver_was_killed_resumes_from_the_finished_shards(cl
     report = json.loads(rerun.stdout)
     assert report["settings"]["cache"]["splits_from_cache"] >= finished
     assert_same_report(report, local.to_dict())
+
+
+def test_probe_sweep_on_ray_writes_the_local_grid(cluster, tmp_path, demo_arrays):
+    data = small_npz(tmp_path / "d.npz", demo_arrays)
+    models = [tmp_path / "ckpt_a.onnx", tmp_path / "ckpt_b.onnx"]  # each checkpoint's layers: Ray tasks
+    for model in models:
+        model.write_bytes(Path(DEMO_MODEL).read_bytes())
+    options = ["--data", data, "--layers", "relu3,logits", "--l2", "1e-2,1e-3", "--batch-size", "100", "--quiet"]
+    command = [sys.executable, "-m", "probecore.cli", "sweep", *map(str, models), "--out", str(tmp_path / "local"),
+               "--no-cache", *map(str, options)]  # fmt: skip
+    local = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path)
+    on_ray = invoke("sweep", *models, "--out", tmp_path / "ray", "--no-cache", "--ray", cluster.address, *options)
+    assert local.returncode == 0 and on_ray.exit_code == 0, local.stderr + on_ray.output
+    grids = {name: json.loads((tmp_path / name / "sweep.json").read_text()) for name in ("local", "ray")}
+    assert grids["ray"]["layers"] == grids["local"]["layers"] == ["relu3", "logits"]
+    assert grids["ray"]["test_error"] == grids["local"]["test_error"]
