@@ -21,7 +21,7 @@ import probecore  # noqa: E402
 from probecore.backends.onnx_source import OnnxSource  # noqa: E402
 from probecore.backends.ray_engine import RayEngine  # noqa: E402
 from probecore.bundled import DEMO_DATA, DEMO_MODEL  # noqa: E402
-from test_cli import invoke, small_npz  # noqa: E402
+from test_cli import small_npz  # noqa: E402
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the workers get this module's sources by value
 SPEC = probecore.RunSpec(layers="relu1,pool2,relu3,logits", fit=probecore.FitOptions(l2=(1e-2, 1e-3)), batch_size=100)
@@ -84,16 +84,21 @@ def _first(marker: str) -> bool:
         return False
 
 
+def probe_cli(*args, cwd) -> subprocess.CompletedProcess:
+    """``probe ARGS`` in a fresh process (not the checkout as working directory: ``-m`` puts it first)."""
+    command = [sys.executable, "-m", "probecore.cli", *map(str, args)]
+    return subprocess.run(command, capture_output=True, text=True, cwd=cwd, check=False)
+
+
 def test_probe_run_on_ray_writes_the_local_report(cluster, tmp_path, demo_arrays):
     data = small_npz(tmp_path / "d.npz", demo_arrays)
     options = ["--data", data, "--layers", "relu1,relu3,logits", "--l2", "1e-2,1e-3", "--batch-size", "100", "--quiet"]
-    # the local run in a fresh process too, as a user would run it: not in this one, which earlier tests have
-    # used (the probes' settled stop can turn last-bit differences into 1e-5 in a loss)
-    command = [sys.executable, "-m", "probecore.cli", "run", str(DEMO_MODEL), "--out", str(tmp_path / "local"), "--no-cache"]
-    local = subprocess.run([*command, *map(str, options)], capture_output=True, text=True, cwd=tmp_path)
-    on_ray = invoke("run", DEMO_MODEL, "--out", tmp_path / "ray", "--cache-dir", tmp_path / "cache",
-                    "--ray", cluster.address, *options)  # fmt: skip
-    assert local.returncode == 0 and on_ray.exit_code == 0, local.stderr + on_ray.output
+    # both drivers in fresh processes, as a user runs them: not in this one, which earlier tests have used
+    # (the probes' settled stop can turn last-bit differences into 1e-5 in a loss)
+    local = probe_cli("run", DEMO_MODEL, "--out", tmp_path / "local", "--no-cache", *options, cwd=tmp_path)
+    on_ray = probe_cli("run", DEMO_MODEL, "--out", tmp_path / "ray", "--cache-dir", tmp_path / "cache",
+                       "--ray", cluster.address, *options, cwd=tmp_path)  # fmt: skip
+    assert local.returncode == 0 and on_ray.returncode == 0, local.stderr + on_ray.stderr
     written = {name: json.loads((tmp_path / name / "report.json").read_text()) for name in ("local", "ray")}
     assert_same_report(written["ray"], written["local"])
     engine = written["ray"]["settings"]["engine"]
@@ -214,11 +219,10 @@ def test_probe_sweep_on_ray_writes_the_local_grid(cluster, tmp_path, demo_arrays
     for model in models:
         model.write_bytes(Path(DEMO_MODEL).read_bytes())
     options = ["--data", data, "--layers", "relu3,logits", "--l2", "1e-2,1e-3", "--batch-size", "100", "--quiet"]
-    command = [sys.executable, "-m", "probecore.cli", "sweep", *map(str, models), "--out", str(tmp_path / "local"),
-               "--no-cache", *map(str, options)]  # fmt: skip
-    local = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path)
-    on_ray = invoke("sweep", *models, "--out", tmp_path / "ray", "--no-cache", "--ray", cluster.address, *options)
-    assert local.returncode == 0 and on_ray.exit_code == 0, local.stderr + on_ray.output
+    local = probe_cli("sweep", *models, "--out", tmp_path / "local", "--no-cache", *options, cwd=tmp_path)
+    on_ray = probe_cli("sweep", *models, "--out", tmp_path / "ray", "--no-cache", "--ray", cluster.address, *options,
+                       cwd=tmp_path)  # fmt: skip
+    assert local.returncode == 0 and on_ray.returncode == 0, local.stderr + on_ray.stderr
     grids = {name: json.loads((tmp_path / name / "sweep.json").read_text()) for name in ("local", "ray")}
     assert grids["ray"]["layers"] == grids["local"]["layers"] == ["relu3", "logits"]
     assert grids["ray"]["test_error"] == grids["local"]["test_error"]
