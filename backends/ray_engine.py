@@ -69,17 +69,18 @@ class RayEngine:
             self._connected = True
         return ray
 
-    def _actor_count(self, ray, gpus: int) -> int:
+    def _actor_count(self, resources: dict, gpus: int) -> int:
         if gpus:  # one actor per GPU: each holds its own session on its device
-            return self.actors or int(ray.cluster_resources().get("GPU", 0))
-        return self.actors or max(1, int(ray.cluster_resources().get("CPU", 1)) - 1)
+            return self.actors or int(resources.get("GPU", 0))
+        return self.actors or max(1, int(resources.get("CPU", 1)) - 1)
 
     def extract(self, source, plan: ExtractionPlan, progress=None):
         ray = self._connect()
         progress = progress or (lambda *args: None)
         # on the cluster's GPUs when it has some and the source may use one (an OnnxSource not held to "cpu")
-        gpus = int(ray.cluster_resources().get("GPU", 0) >= 1 and getattr(source, "device", "cpu") != "cpu")
-        actors = self._actor_count(ray, gpus)
+        resources = ray.cluster_resources()
+        gpus = int(resources.get("GPU", 0) >= 1 and getattr(source, "device", "cpu") != "cpu")
+        actors = self._actor_count(resources, gpus)
         shards = self.shards(plan, actors)
         plan_ref = ray.put(plan)
         rows = ray.data.from_items(shards, override_num_blocks=len(shards))
@@ -140,8 +141,9 @@ class RayEngine:
 
     def describe(self) -> dict:
         ray = self._connect()
+        resources = ray.cluster_resources()
         return {"kind": "ray", "address": self.address, "nodes": len([n for n in ray.nodes() if n["Alive"]]),
-                "cpus": int(ray.cluster_resources().get("CPU", 0)), "gpus": int(ray.cluster_resources().get("GPU", 0)),
+                "cpus": int(resources.get("CPU", 0)), "gpus": int(resources.get("GPU", 0)),
                 "fit_cpus": self.fit_cpus, "shards": self.shard_log}  # fmt: skip
 
 
