@@ -12,6 +12,7 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 ray = pytest.importorskip("ray")
@@ -229,3 +230,19 @@ def test_probe_sweep_on_ray_writes_the_local_grid(cluster, tmp_path, demo_arrays
     grids = {name: json.loads((tmp_path / name / "sweep.json").read_text()) for name in ("local", "ray")}
     assert grids["ray"]["layers"] == grids["local"]["layers"] == ["relu3", "logits"]
     assert grids["ray"]["test_error"] == grids["local"]["test_error"]
+
+
+def test_a_model_with_external_weights_and_open_sizes_probes_on_ray_as_locally(cluster, tmp_path):
+    # as torch's default exporter writes them: weights in model.onnx.data, input [N, 3, H, W]; the actors on
+    # the other nodes read the weights from beside the model and fix the open sizes from the data
+    from onnx_models import save_open_convnet
+
+    rng = np.random.default_rng(70)
+    model = save_open_convnet(tmp_path / "model.onnx", rng, external_data=True)
+    assert (tmp_path / "model.onnx.data").exists()
+    x = rng.standard_normal((300, 3, 20, 20)).astype(np.float32)
+    dataset = probecore.split_dataset(x, (x[:, 0].mean(axis=(1, 2)) > 0).astype(np.int64) + (x[:, 1, 0, 0] > 0))
+    spec = probecore.RunSpec(fit=probecore.FitOptions(l2=(1e-2, 1e-3)), batch_size=32)
+    local = probecore.run_probes(OnnxSource(model, device="cpu"), dataset, spec)
+    on_ray = probecore.run_probes(OnnxSource(model, device="cpu"), dataset, spec, engine=RayEngine(cluster.address))
+    assert_same_report(on_ray.to_dict(), local.to_dict())
