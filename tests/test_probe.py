@@ -193,11 +193,23 @@ def test_warm_starts_make_the_path_cheaper_than_fitting_each_strength_from_zero(
     x_train, y_train, x_valid, y_valid = _path_problem(13, d=100, noise=1.0)
     grid = (1e-2, 1e-3, 1e-4)
     path = fit_probe(x_train, y_train, 5, x_valid, y_valid, FitOptions(l2=grid))
-    cold = [fit_probe(x_train, y_train, 5, x_valid, y_valid, FitOptions(l2=l2)) for l2 in grid]
+    cold = {l2: fit_probe(x_train, y_train, 5, x_valid, y_valid, FitOptions(l2=l2)) for l2 in grid}
     assert [point.l2 for point in path.path] == list(grid)
-    assert path.path[0].n_iter == cold[0].n_iter  # the first strength starts from zero either way
-    for warm, alone in zip(path.path[1:], cold[1:]):
-        assert warm.n_iter < alone.n_iter
+    assert path.n_iter < sum(cold[point.l2].n_iter for point in path.path)
+    for warm in path.path[1:]:
+        if warm.stop_reason == "settled":  # a look stops sooner anyway
+            assert warm.n_iter < cold[warm.l2].n_iter
+
+
+def test_a_clear_loser_gets_a_look_and_the_chosen_strength_is_settled():
+    # 200 noisy samples: l2 = 1 underfits and 1e-5 overfits by far more than a look's uncertainty
+    x_train, y_train, x_valid, y_valid = _path_problem(16, n=200, noise=3.0)
+    probe = fit_probe(x_train, y_train, 5, x_valid, y_valid, FitOptions(l2=(10.0, 1e-2, 1e-5)))
+    reasons = {point.l2: point.stop_reason for point in probe.path}
+    assert probe.l2 == 1e-2 and reasons[1e-2] == "settled" and probe.stop_reason == "settled"
+    assert reasons[10.0] == "looked" and reasons[1e-5] == "looked"
+    settled_alone = fit_probe(x_train, y_train, 5, x_valid, y_valid, FitOptions(l2=1e-2))
+    assert probe.evaluate(x_valid, y_valid).loss == pytest.approx(settled_alone.evaluate(x_valid, y_valid).loss, rel=5e-3)
 
 
 def test_a_path_without_a_validation_split_is_refused():
