@@ -266,7 +266,7 @@ class _Rule:
     objective: float
 
 
-# A first look at a strength, enough to see a clear loser: measured on 46 paths (the demo's layers, four
+# A first look at a strength, enough to see a clear loser: measured on 35 paths (the demo's layers, four
 # ResNet-shaped layers, 24 random problems: benchmarks/README.md), a fit stopped by this rule was within
 # 2.9 % of its optimum's validation loss; LOOK_UNCERTAINTY leaves room above that.
 LOOK = _Rule(window=3, valid=5e-3, objective=3e-4)
