@@ -42,6 +42,9 @@ g[data-layer]:hover rect, g.pinned rect { stroke: #000; stroke-width: 3; }
 .scroll { overflow-x: auto; }
 svg.chain { max-width: 100%; height: auto; }
 table.grid td { padding: 0.05em 0.5em; }
+.beside { display: flex; gap: 1.5em; align-items: flex-start; }
+.beside > .scroll { flex: none; max-width: 100%; max-height: 75vh; overflow: auto; }
+.beside > img { min-width: 0; flex: 1 1 20em; }
 table.grid th.checkpoint { writing-mode: vertical-rl; transform: rotate(180deg); text-align: left; }
 """
 NORMAL = {"per_row": 6, "box": (150, 58), "gap": (34, 30), "name": 22}  # boxes of the chain, up to 30 layers
@@ -68,8 +71,7 @@ def sweep_html(sweep, heatmap_png: bytes, last_png: bytes, title: str = "probeco
         f'<p class="muted">{len(sweep.checkpoints)} checkpoints, {len(sweep.layers)} layers; test error in %. '
         "Hover over or click a cell for that layer at that checkpoint; a header sorts by its column.</p>",
         "<h2>Test error by layer and checkpoint</h2>",
-        _grid(sweep),
-        image_tag(heatmap_png, "layer x checkpoint heatmap"),
+        f'<div class="beside">{_grid(sweep)}{image_tag(heatmap_png, "layer x checkpoint heatmap")}</div>',
         f"<h2>Last checkpoint: {escape(sweep.checkpoints[-1])}</h2>",
         chain_svg(last, last_index),
         _diagnostics(last),

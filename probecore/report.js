@@ -125,6 +125,6 @@
   const linked = key && [...document.querySelectorAll("[data-layer]")].find((element) => `${element.dataset.report}/${element.dataset.layer}` === key);
   if (linked) {
     pin(linked);
-    linked.scrollIntoView({ block: "center" });
+    linked.scrollIntoView({ block: "nearest" });
   }
 })();
