@@ -18,7 +18,7 @@ import io
 import numpy as np
 
 from .labels import shorten_middle
-from .report import ProbeReport
+from .report import SPLIT_NAMES, ProbeReport, layer_roles
 
 LAYERS_PER_PANEL = 50  # errors.png: layers named on one axis
 ROWS_PER_PANEL = 100  # heatmap.png: layers named down one panel
@@ -49,13 +49,6 @@ def panels(count: int, most: int) -> list[range]:
     return [range(start, stop) for start, stop in zip(bounds[:-1], bounds[1:])]
 
 
-def layer_roles(layers) -> list[str]:
-    """Each layer's role, ``main`` for all when none is known (activations given as arrays: a chain)."""
-    if all(layer.role is None for layer in layers):
-        return ["main"] * len(layers)
-    return [layer.role or "branch" for layer in layers]
-
-
 def path_edges(report: ProbeReport) -> dict[str, list[tuple[int, int]]]:
     """The lines to draw, by role of the layer they lead to: each main-path layer from the main-path layer
     before it; each branch or side layer from the probed layers it is computed from."""
@@ -74,55 +67,69 @@ def path_edges(report: ProbeReport) -> dict[str, list[tuple[int, int]]]:
 
 
 def layer_errors_figure(report: ProbeReport, title: str = "Linear probe error by layer"):
-    from matplotlib.collections import LineCollection
     from matplotlib.figure import Figure
 
-    names = [layer.name for layer in report.layers]
-    roles = layer_roles(report.layers)
-    labels = [shorten_middle(name, NAME_CHARS) for name in names]
-    errors = {split: np.array([100 * layer.metrics[split].error for layer in report.layers]) for split in ("train", "valid", "test")}
-    low, high = (np.array([100 * layer.metrics["test"].error_interval[i] for layer in report.layers]) for i in (0, 1))
-    parts = panels(len(names), LAYERS_PER_PANEL)
-    widest = max(len(part) for part in parts)
-    label_height = CHAR_INCHES * max(len(label) for label in labels) + 0.2
-    figure = Figure(figsize=(max(6.5, PITCH * widest + 2.0), len(parts) * (2.6 + label_height) + 0.5), layout="constrained")
+    labels = [shorten_middle(layer.name, NAME_CHARS) for layer in report.layers]
+    parts = panels(len(labels), LAYERS_PER_PANEL)
+    width = max(6.5, PITCH * max(len(part) for part in parts) + 2.0)
+    label_height = CHAR_INCHES * max(map(len, labels)) + 0.2
+    figure = Figure(figsize=(width, len(parts) * (2.6 + label_height) + 0.5), layout="constrained")
     every_axes = figure.subplots(len(parts), 1, sharey=True, squeeze=False)[:, 0]
-    edges = path_edges(report)
+    errors = {split: np.array([100 * layer.metrics[split].error for layer in report.layers]) for split in SPLIT_NAMES}
+    bounds = np.array([[100 * bound for bound in layer.metrics["test"].error_interval] for layer in report.layers])
+    roles, edges, findings = layer_roles(report.layers), path_edges(report), report.diagnostics
+    rotate = len(labels) > 6 or max(map(len, labels)) > 12
     for axes, part in zip(every_axes, parts):
-        for finding in report.diagnostics:
-            if finding.kind == "dead_segment":
-                span = [names.index(name) for name in finding.layers]
-                axes.axvspan(min(span) - 0.4, max(span) + 0.4, color="#f4cccc", zorder=0, label="dead segment")
-        for split, style in (("train", ":"), ("valid", "--")):
-            segments = [[(a, errors[split][a]), (b, errors[split][b])] for role_edges in edges.values() for a, b in role_edges]
-            axes.add_collection(LineCollection(segments, colors="grey", linestyles=style, linewidths=1, label=split))
-        for role, (color, marker, label) in ROLE_STYLE.items():
-            members = [i for i, r in enumerate(roles) if r == role]
-            if not members:
-                continue
-            segments = [[(a, errors["test"][a]), (b, errors["test"][b])] for a, b in edges[role]]
-            axes.add_collection(LineCollection(segments, colors=color, linewidths=1.4 if role == "main" else 1, gid=f"test-{role}"))
-            test = errors["test"][members]
-            axes.errorbar(members, test, yerr=[test - low[members], high[members] - test], fmt=marker, color=color,
-                          ms=3.5 if len(names) > 30 else 4.5, capsize=1.5, lw=0.8, label=label)  # fmt: skip
-        if report.model_test is not None:
-            axes.axhline(100 * report.model_test.error, color="#b03a2e", ls="--", lw=1,
-                         label=f"model's own test error ({100 * report.model_test.error:.1f}%)")  # fmt: skip
-        rotate = len(names) > 6 or max(map(len, labels)) > 12
-        axes.set_xticks(list(part), [labels[i] for i in part], rotation=90 if rotate else 0, fontsize=FONT_SIZE + (0 if rotate else 2))
-        for tick, index in zip(axes.get_xticklabels(), part):
-            tick.set_color(ROLE_STYLE[roles[index]][0] if roles[index] != "main" else "black")
+        _draw_errors(axes, report, errors, bounds, roles, edges, findings)
+        _name_ticks(axes.xaxis, part, labels, roles, rotation=90 if rotate else 0, fontsize=FONT_SIZE + (0 if rotate else 2))
         axes.set_xlim(part.start - 0.6, part.stop - 0.4)
         axes.set_ylabel("probe error (%)")
         axes.grid(axis="y", alpha=0.3)
         if len(parts) > 1:
-            axes.set_title(f"layers {part.start + 1}-{part.stop} of {len(names)}", fontsize=9, loc="left")
-    every_axes[0].set_ylim(bottom=0, top=max(5.0, 1.08 * max(high.max(), errors["train"].max(), errors["valid"].max())))
+            axes.set_title(f"layers {part.start + 1}-{part.stop} of {len(labels)}", fontsize=9, loc="left")
+    every_axes[0].set_ylim(bottom=0, top=max(5.0, 1.08 * max(bounds.max(), errors["train"].max(), errors["valid"].max())))
     handles, legend_labels = every_axes[0].get_legend_handles_labels()
     unique = dict(zip(legend_labels, handles))  # one "dead segment" entry for several spans
-    every_axes[0].legend(unique.values(), unique.keys(), fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1), borderaxespad=0)
+    every_axes[0].legend(unique.values(), unique.keys(), fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1),
+                         borderaxespad=0)  # fmt: skip
     figure.suptitle(title)
     return figure
+
+
+def _draw_errors(axes, report, errors, bounds, roles, edges, findings) -> None:
+    """One panel of errors.png: dead segments shaded, train and valid errors as grey lines, test errors with
+    their intervals, each role in its colour and joined along its own edges, the model's own error."""
+    from matplotlib.collections import LineCollection
+
+    names = [layer.name for layer in report.layers]
+    for finding in findings:
+        if finding.kind == "dead_segment":
+            span = [names.index(name) for name in finding.layers]
+            axes.axvspan(min(span) - 0.4, max(span) + 0.4, color="#f4cccc", zorder=0, label="dead segment")
+    every_edge = [edge for role_edges in edges.values() for edge in role_edges]
+    for split, style in (("train", ":"), ("valid", "--")):
+        segments = [[(a, errors[split][a]), (b, errors[split][b])] for a, b in every_edge]
+        axes.add_collection(LineCollection(segments, colors="grey", linestyles=style, linewidths=1, label=split))
+    for role, (color, marker, label) in ROLE_STYLE.items():
+        members = [i for i, r in enumerate(roles) if r == role]
+        if not members:
+            continue
+        segments = [[(a, errors["test"][a]), (b, errors["test"][b])] for a, b in edges[role]]
+        width = 1.4 if role == "main" else 1
+        axes.add_collection(LineCollection(segments, colors=color, linewidths=width, gid=f"test-{role}"))
+        test = errors["test"][members]
+        axes.errorbar(members, test, yerr=[test - bounds[members, 0], bounds[members, 1] - test], fmt=marker, color=color,
+                      ms=3.5 if len(names) > 30 else 4.5, capsize=1.5, lw=0.8, label=label)  # fmt: skip
+    if report.model_test is not None:
+        axes.axhline(100 * report.model_test.error, color="#b03a2e", ls="--", lw=1,
+                     label=f"model's own test error ({100 * report.model_test.error:.1f}%)")  # fmt: skip
+
+
+def _name_ticks(axis, part: range, labels: list[str], roles: list[str], **text) -> None:
+    """A tick and a label for every layer of ``part``; off the main path, the label in its role's colour."""
+    axis.set_ticks(list(part), [labels[i] for i in part], **text)
+    for tick, index in zip(axis.get_ticklabels(), part):
+        tick.set_color(ROLE_STYLE[roles[index]][0] if roles[index] != "main" else "black")
 
 
 def sweep_heatmap_figure(sweep, title: str = "Linear probe test error by layer and checkpoint"):
@@ -147,28 +154,32 @@ def sweep_heatmap_figure(sweep, title: str = "Linear probe test error by layer a
     shown = np.ma.masked_invalid(grid)
     limits = (np.nanmin(grid), np.nanmax(grid)) if np.isfinite(grid).any() else (0, 100)
     for axes, part in zip(every_axes, parts):
+        extent = (-0.5, len(checkpoints) - 0.5, part.stop - 0.5, part.start - 0.5)  # rows numbered as layers
         image = axes.imshow(shown[part.start : part.stop], aspect="auto", cmap="viridis_r", interpolation="nearest",
-                            vmin=limits[0], vmax=limits[1], extent=(-0.5, len(checkpoints) - 0.5, part.stop - 0.5, part.start - 0.5))  # fmt: skip
-        axes.set_yticks(list(part), [layer_labels[i] for i in part], fontsize=FONT_SIZE)
-        for tick, index in zip(axes.get_yticklabels(), part):
-            tick.set_color(ROLE_STYLE[roles[index]][0] if roles[index] != "main" else "black")
+                            vmin=limits[0], vmax=limits[1], extent=extent)  # fmt: skip
+        _name_ticks(axes.yaxis, part, layer_labels, roles, fontsize=FONT_SIZE)
         axes.set_xticks(range(len(checkpoints)), checkpoint_labels, rotation=90 if rotate else 0, fontsize=FONT_SIZE)
         axes.set_xlabel("checkpoint")
         if len(parts) > 1:
             axes.set_title(f"layers {part.start + 1}-{part.stop} of {len(layers)}", fontsize=9, loc="left")
-        if grid.size <= 200 and column_width >= 0.4:
-            for row in part:
-                for column, value in enumerate(grid[row]):
-                    if not np.isnan(value):
-                        dark = value > (limits[0] + limits[1]) / 2  # viridis_r: dark above the middle of the scale
-                        axes.text(column, row, f"{value:.{1 if grid.size <= 60 else 0}f}", ha="center", va="center", fontsize=7,
-                                  color="white" if dark else "black")  # fmt: skip
+        if grid.size <= 200 and column_width >= 0.4:  # room for each cell's number
+            _write_values(axes, grid, part, limits)
     every_axes[0].set_ylabel("layer (input at the top)")
     figure.colorbar(image, ax=list(every_axes), label="probe test error (%)", fraction=0.04 if len(parts) > 1 else 0.15)
     if any(role != "main" for role in roles):
         title += "\nlayer names: black main path, orange branch, purple side branch"
     figure.suptitle(title, fontsize=10)
     return figure
+
+
+def _write_values(axes, grid, part: range, limits) -> None:
+    """Each cell's error in it, white on the dark half of the colour scale (viridis_r: the higher errors)."""
+    for row in part:
+        for column, value in enumerate(grid[row]):
+            if not np.isnan(value):
+                color = "white" if value > (limits[0] + limits[1]) / 2 else "black"
+                text = f"{value:.{1 if grid.size <= 60 else 0}f}"
+                axes.text(column, row, text, ha="center", va="center", fontsize=7, color=color)
 
 
 def _sweep_roles(sweep) -> list[str]:

@@ -10,9 +10,8 @@ import json
 from html import escape
 from importlib.resources import files
 
-from .figures import layer_roles
 from .labels import shorten_middle
-from .report import MODEL_ERROR_NOTE, SPLIT_NAMES, ProbeReport
+from .report import MODEL_ERROR_NOTE, SPLIT_NAMES, ProbeReport, layer_roles
 
 DATA_ID = "probecore-data"  # the JSON block's id: the script and the tests read the page's numbers there
 STYLE = """
@@ -49,6 +48,7 @@ table.grid th.checkpoint { writing-mode: vertical-rl; transform: rotate(180deg);
 """
 NORMAL = {"per_row": 6, "box": (150, 58), "gap": (34, 30), "name": 22}  # boxes of the chain, up to 30 layers
 COMPACT = {"per_row": 10, "box": (92, 40), "gap": (16, 18), "name": 13}  # more layers: smaller boxes
+NAME_CLASS = ' class="name"'  # a column of names: left-aligned
 ROLE_STROKE = {"main": "", "branch": ' stroke-dasharray="6 3"', "side": ' stroke-dasharray="2 2" fill-opacity="0.55"'}
 
 
@@ -78,7 +78,8 @@ def sweep_html(sweep, heatmap_png: bytes, last_png: bytes, title: str = "probeco
         image_tag(last_png, "probe error by layer, last checkpoint"),
         _table(last, last_index),
     ]
-    data = {"checkpoints": sweep.checkpoints, "reports": [report_data(r, c) for c, r in zip(sweep.checkpoints, sweep.reports)]}
+    reports = [report_data(report, checkpoint) for checkpoint, report in zip(sweep.checkpoints, sweep.reports)]
+    data = {"checkpoints": sweep.checkpoints, "reports": reports}
     return page(title, "\n".join(body), data)
 
 
@@ -146,8 +147,10 @@ def chain_svg(report: ProbeReport, report_index: int) -> str:
         texts = "".join(f'<text x="{middle}" y="{y + step * (i + 1) + 3}" text-anchor="middle" {attrs}>{text}</text>'
                         for i, (text, attrs) in enumerate(lines))  # fmt: skip
         shapes.append(
-            f'<g data-report="{report_index}" data-layer="{escape(layer.name)}" tabindex="0"><title>{escape(layer.name)}</title>'
-            f'<rect x="{x}" y="{y}" width="{box_w}" height="{box_h}" rx="8" fill="{_color(share)}" stroke="#555"{ROLE_STROKE[role]}/>'
+            f'<g data-report="{report_index}" data-layer="{escape(layer.name)}" tabindex="0">'
+            f"<title>{escape(layer.name)}</title>"
+            f'<rect x="{x}" y="{y}" width="{box_w}" height="{box_h}" rx="8" fill="{_color(share)}" stroke="#555"'
+            f"{ROLE_STROKE[role]}/>"
             f"{texts}</g>"
         )  # fmt: skip
         if index + 1 < len(report.layers):
@@ -196,7 +199,8 @@ def _summary(report: ProbeReport) -> str:
 def _cell(text: str, value: float | str | None = None, css: str = "") -> str:
     """A table cell; ``value`` (a number, or "" for none) is what its column sorts by, else its text."""
     sort = "" if value is None else f' data-value="{"" if value == "" else repr(float(value))}"'
-    return f"<td{f' class={css!r}' if css else ''}{sort}>{escape(text)}</td>"
+    kind = f' class="{css}"' if css else ""
+    return f"<td{kind}{sort}>{escape(text)}</td>"
 
 
 def _table(report: ProbeReport, report_index: int) -> str:
@@ -218,11 +222,12 @@ def _table(report: ProbeReport, report_index: int) -> str:
                  _cell(f"{100 * low:.1f}-{100 * high:.1f}", low)]  # fmt: skip
         if has_control:
             selectivity = layer.selectivity
-            cells.append(_cell("" if selectivity is None else f"{100 * selectivity:.1f}", "" if selectivity is None else selectivity))
+            cells.append(_cell("", "") if selectivity is None else _cell(f"{100 * selectivity:.1f}", selectivity))
         css = ' class="best"' if layer.metrics["test"].error == best else ""
-        rows.append(f'<tr{css} data-report="{report_index}" data-layer="{escape(layer.name)}" tabindex="0">{"".join(cells)}</tr>')
-    header = "".join(f'<th{" class=name" if name in ("layer", "op", "reduction") else ""}>{escape(name)}</th>' for name in head)
-    return f'<div class="scroll"><table class="sortable"><thead><tr>{header}</tr></thead><tbody>{"".join(rows)}</tbody></table></div>'
+        row = f'<tr{css} data-report="{report_index}" data-layer="{escape(layer.name)}" tabindex="0">'
+        rows.append(row + "".join(cells) + "</tr>")
+    header = "".join(f'<th{NAME_CLASS if name in ("layer", "op", "reduction") else ""}>{escape(name)}</th>' for name in head)
+    return _sortable(header, rows)
 
 
 def _grid(sweep) -> str:
@@ -231,7 +236,8 @@ def _grid(sweep) -> str:
     grid = sweep.grid("test")
     finite = grid[grid == grid]
     low, high = (finite.min(), finite.max()) if finite.size else (0.0, 1.0)
-    head = "<th>#</th><th class=name>layer</th>" + "".join(f'<th class="checkpoint">{escape(name)}</th>' for name in sweep.checkpoints)
+    head = f"<th>#</th><th{NAME_CLASS}>layer</th>"
+    head += "".join(f'<th class="checkpoint">{escape(name)}</th>' for name in sweep.checkpoints)
     rows = []
     for index, (name, values) in enumerate(zip(sweep.layers, grid)):
         cells = [_cell(str(index + 1), index), _cell(name, css="name")]
@@ -243,5 +249,11 @@ def _grid(sweep) -> str:
             cells.append(f'<td data-report="{column}" data-layer="{escape(name)}" data-value="{float(value)!r}" '
                          f'style="background:{_color(share)}">{100 * value:.1f}</td>')  # fmt: skip
         rows.append(f"<tr>{''.join(cells)}</tr>")
-    return (f'<div class="scroll"><table class="sortable grid"><thead><tr>{head}</tr></thead>'
+    return _sortable(head, rows, "grid")
+
+
+def _sortable(header: str, rows: list[str], css: str = "") -> str:
+    """A table whose headers sort it (report.js), in a box that scrolls when it is too wide."""
+    classes = " ".join(["sortable", css]).strip()
+    return (f'<div class="scroll"><table class="{classes}"><thead><tr>{header}</tr></thead>'
             f"<tbody>{''.join(rows)}</tbody></table></div>")  # fmt: skip

@@ -60,7 +60,7 @@ def test_figures_are_pngs_and_the_html_draws_each_layer_colored():
     fills = re.findall(r'<rect [^>]*fill="(rgb\([^"]+\))"', html)
     assert fills[-1] != fills[0]  # the best layer (5%) is not colored as the 30% ones
     assert "data:image/png;base64," in html and re.findall(r'(?:src|href)="(?!data:)', html) == []  # nothing fetched
-    assert all(f'<td class=\'name\'>{layer.name}</td>' in html for layer in report.layers)
+    assert all(f'<td class="name">{layer.name}</td>' in html for layer in report.layers)
     assert html.count("<g data-report") == len(report.layers)
 
 
