@@ -13,6 +13,7 @@ from rich.table import Table
 from rich.text import Text
 
 from probecore.errors import Interrupted, ProbeError
+from probecore.labels import shorten_middle
 from probecore.report import MODEL_ERROR_NOTE, ProbeReport
 
 DEBUG_VARIABLE = "PROBECORE_DEBUG"
@@ -89,43 +90,76 @@ def _loss(value: float | None) -> str:
     return "" if value is None else f"{value:.3f}"
 
 
-def report_table(report: ProbeReport) -> Table:
+# Columns left out, in this order, until the table fits the terminal; the layer, its chosen strength, its
+# errors and their interval (and the selectivity) always stay.
+DROPPED_FIRST = ("loss tr/va/te", "top-5 % te", "reduction", "features used", "shape", "control err % tr/te", "op")
+LAYER_NAME_MIN = 24  # a name is cut in the middle (encoder.lay...nse.output) only past this, once columns are dropped
+
+
+def report_table(report: ProbeReport, width: int | None = None) -> Table:
     """Layer, shape, features, reduction, chosen L2, loss / error per split, and the control task's
-    selectivity when there is one; the best test error in bold."""
-    has_top5 = any(layer.metrics["test"].top5_error is not None for layer in report.layers)
-    has_control = any(layer.control is not None for layer in report.layers)
+    selectivity when there is one; the best test error in bold. In ``width`` columns (the console's by
+    default), the less needed columns are left out and long layer names are shortened in the middle (the
+    full names are in report.json)."""
+    columns = _report_columns(report)
+    width = console.width if width is None else width
+    longest = max(len(layer.name) for layer in report.layers)
+    for header in DROPPED_FIRST:
+        if _table_width(columns, max(len("layer"), min(longest, LAYER_NAME_MIN))) <= width:
+            break
+        columns.pop(header, None)
+    name_width = max(min(longest, width - _table_width(columns, 0)), min(longest, 12))
     table = Table(title="Linear probe per layer (tr/va/te: train/valid/test)", title_justify="left")
-    # "features used": after the reduction (report.json's features_used); `probe layers` lists the raw count
-    for column in ("layer", "op", "shape", "features used", "reduction"):
-        table.add_column(column, overflow="fold")
-    table.add_column("l2", justify="right")
-    table.add_column("loss tr/va/te", justify="right")
-    table.add_column("error % tr/va/te", justify="right")
-    table.add_column("test err 95% CI", justify="right")
-    if has_top5:
-        table.add_column("top-5 % te", justify="right")
-    if has_control:
-        table.add_column("control err % tr/te", justify="right")
-        table.add_column("selectivity", justify="right")
+    table.add_column("layer", no_wrap=True)
+    for header, (justify, _) in columns.items():
+        table.add_column(header, justify=justify, no_wrap=True)
     best = min(layer.metrics["test"].error for layer in report.layers)
-    for layer in report.layers:
-        metrics = [layer.metrics[split] for split in ("train", "valid", "test")]
-        op = f"{layer.op_type} (side)" if layer.role == "side" else layer.op_type  # a gate, attention scores
-        row = [layer.name, op, "x".join(map(str, layer.shape)), str(layer.n_features)]
-        row.append(layer.reduction["description"])
-        row.append("" if layer.l2 is None else f"{layer.l2:.0e}")
-        row.append(" / ".join(_loss(m.loss) for m in metrics))
-        row.append(" / ".join(_percent(m.error) for m in metrics))
-        low, high = layer.metrics["test"].error_interval
-        row.append(f"{_percent(low)}-{_percent(high)}")
-        if has_top5:
-            row.append(_percent(layer.metrics["test"].top5_error))
-        if has_control:
-            control = layer.control or {}
-            row.append(" / ".join(_percent(control[split].error) for split in ("train", "test") if split in control))
-            row.append(_percent(layer.selectivity))
-        table.add_row(*row, style="bold" if layer.metrics["test"].error == best else None)
+    for index, layer in enumerate(report.layers):
+        cells = [shorten_middle(layer.name, name_width), *(cell_values[index] for _, cell_values in columns.values())]
+        table.add_row(*cells, style="bold" if layer.metrics["test"].error == best else None)
     return table
+
+
+def _report_columns(report: ProbeReport) -> dict[str, tuple[str, list[str]]]:
+    """Every column but the layer's name: header -> (justification, one cell per layer)."""
+    layers = report.layers
+
+    def column(justify, cell):
+        return justify, [cell(layer) for layer in layers]
+
+    def splits(layer):
+        return [layer.metrics[split] for split in ("train", "valid", "test")]
+
+    def interval(layer):
+        low, high = layer.metrics["test"].error_interval
+        return f"{_percent(low)}-{_percent(high)}"
+
+    columns = {  # "features used": after the reduction (report.json's features_used); `probe layers` lists the raw count
+        "op": column("left", lambda layer: f"{layer.op_type} (side)" if layer.role == "side" else layer.op_type),
+        "shape": column("left", lambda layer: "x".join(map(str, layer.shape))),
+        "features used": column("left", lambda layer: str(layer.n_features)),
+        "reduction": column("left", lambda layer: layer.reduction["description"]),
+        "l2": column("right", lambda layer: "" if layer.l2 is None else f"{layer.l2:.0e}"),
+        "loss tr/va/te": column("right", lambda layer: " / ".join(_loss(m.loss) for m in splits(layer))),
+        "error % tr/va/te": column("right", lambda layer: " / ".join(_percent(m.error) for m in splits(layer))),
+        "test err 95% CI": column("right", interval),
+    }
+    if any(layer.metrics["test"].top5_error is not None for layer in layers):
+        columns["top-5 % te"] = column("right", lambda layer: _percent(layer.metrics["test"].top5_error))
+    if any(layer.control is not None for layer in layers):
+        columns["control err % tr/te"] = column("right", lambda layer: " / ".join(
+            _percent(layer.control[split].error) for split in ("train", "test") if split in layer.control
+        ) if layer.control else "")  # fmt: skip
+        columns["selectivity"] = column("right", lambda layer: _percent(layer.selectivity))
+    return columns
+
+
+def _table_width(columns: dict[str, tuple[str, list[str]]], name_width: int) -> int:
+    """Characters a rich table (default box) takes with a ``name_width`` layer column: each column's widest
+    cell or header, plus a space on each side and a rule between columns."""
+    widths = [name_width]
+    widths += [max(len(header), *(len(cell) for cell in cells)) for header, (_, cells) in columns.items()]
+    return sum(widths) + 3 * len(widths) + 1
 
 
 def print_summary(report: ProbeReport) -> None:

@@ -13,6 +13,7 @@ from rich.table import Table
 
 import probecore
 from probecore.errors import DataError
+from probecore.labels import shorten_middle
 from probecore.report import check_writable
 from probecore.run_spec import RunSpec
 
@@ -109,11 +110,11 @@ def report_command(
 
 def sweep_table(sweep: probecore.SweepReport) -> Table:
     table = Table(title="Probe test error % by layer (rows) and checkpoint (columns)", title_justify="left")
-    table.add_column("layer")
+    table.add_column("layer", no_wrap=True)
     for checkpoint in sweep.checkpoints:
         table.add_column(checkpoint, justify="right")
     for name, row in zip(sweep.layers, sweep.grid()):
-        table.add_row(name, *("" if value != value else f"{100 * value:.1f}" for value in row))
+        table.add_row(shorten_middle(name, 32), *("" if value != value else f"{100 * value:.1f}" for value in row))
     return table
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import PurePath
+
 from .figures import layer_errors_png, sweep_heatmap_png
 from .html_report import report_html, sweep_html
 from .report import ProbeReport
@@ -11,7 +13,7 @@ def report_figures(report: ProbeReport) -> dict[str, bytes | str]:
     """errors.png (probe error by layer, Fig 4b) and report.html (the chain of layers, Fig 5, and the table)."""
     errors = layer_errors_png(report)
     model = report.settings.get("source", {}).get("model")
-    title = f"probecore: {model}" if model else "probecore report"
+    title = f"probecore: {PurePath(model).name}" if model else "probecore report"  # the full path is on the page
     return {"errors.png": errors, "report.html": report_html(report, {"Probe error by layer": errors}, title)}
 
 

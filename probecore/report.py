@@ -152,6 +152,14 @@ class ProbeReport:
         return write_results(out_dir, {**self.files(), **(extra or {})})
 
 
+def layer_roles(layers: list[LayerResult]) -> list[str]:
+    """Each layer's role for the figures and the page, as ``diagnose`` reads them: ``main`` for every layer
+    when none is known (activations given as arrays: a chain), an unknown one among known ones a branch."""
+    if all(layer.role is None for layer in layers):
+        return ["main"] * len(layers)
+    return [layer.role or "branch" for layer in layers]
+
+
 def write_results(out_dir: str | Path, files: dict[str, str | bytes]) -> Path:
     """Write ``files`` (name -> text or bytes) into ``out_dir`` so that no reader ever sees half of them.
 

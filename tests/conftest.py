@@ -1,7 +1,10 @@
 """Shared fixtures."""
 
+import subprocess
+import sys
 import tempfile
 import zlib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -33,3 +36,17 @@ def demo_arrays():
 
     with np.load(DEMO_DATA) as archive:
         return {key: archive[key] for key in archive.files}
+
+
+PROBE_SCRIPT = Path(sys.executable).parent / "probe"  # installed beside this interpreter
+
+
+@pytest.fixture(scope="session")
+def demo_results(tmp_path_factory):
+    """The folder `probe demo` writes (report.json, errors.png, report.html), made once for the session by the
+    console script where it is installed, else by ``python -m probecore.cli``."""
+    out = tmp_path_factory.mktemp("demo") / "probe-demo"
+    command = [PROBE_SCRIPT] if PROBE_SCRIPT.exists() else [sys.executable, "-m", "probecore.cli"]
+    done = subprocess.run([*command, "demo", "--quiet", "--out", out], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    return out

@@ -113,3 +113,24 @@ def save_open_convnet(path, rng, height="H", width="W", external_data=False, n_c
     else:
         onnx.save(model, str(path))
     return path
+
+
+def save_long_named_chain(path, rng, n_blocks=3, n_in=12, width=16, n_classes=3):
+    """x -> n_blocks of (Gemm, Relu) -> Gemm "logits", its tensors named as torch's exporter names a
+    transformer's (``/encoder/layer.0/intermediate/intermediate_act_fn/Relu_output_0``): longer than any
+    table column."""
+    nodes, initializers, previous = [], [], "x"
+    for block in range(n_blocks):
+        prefix = f"/encoder/layer.{block}/intermediate"
+        dense, act = f"{prefix}/dense/Gemm_output_0", f"{prefix}/intermediate_act_fn/Relu_output_0"
+        weight = rng.normal(size=(width, n_in if block == 0 else width)).astype(np.float32)
+        initializers += [numpy_helper.from_array(weight, f"w{block}"), numpy_helper.from_array(np.zeros(width, np.float32), f"b{block}")]
+        nodes += [helper.make_node("Gemm", [previous, f"w{block}", f"b{block}"], [dense], transB=1, name=f"gemm{block}"),
+                  helper.make_node("Relu", [dense], [act], name=f"relu{block}")]  # fmt: skip
+        previous = act
+    head = rng.normal(size=(n_classes, width)).astype(np.float32)
+    initializers += [numpy_helper.from_array(head, "w_out"), numpy_helper.from_array(np.zeros(n_classes, np.float32), "b_out")]
+    nodes.append(helper.make_node("Gemm", [previous, "w_out", "b_out"], ["logits"], transB=1, name="logits"))
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", n_in])]
+    outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", n_classes])]
+    return save_model(path, nodes, inputs, outputs, initializers)

@@ -3,10 +3,10 @@
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import PROBE_SCRIPT
 from typer.testing import CliRunner
 
 from probecore.bundled import DEMO_MODEL
@@ -98,14 +98,9 @@ def test_debug_variable_shows_the_traceback(tmp_path):
     assert result.exit_code != 0 and type(result.exception).__name__ == "ModelError"
 
 
-PROBE_SCRIPT = Path(sys.executable).parent / "probe"  # installed beside this interpreter
-
-
 @pytest.mark.skipif(not PROBE_SCRIPT.exists(), reason="the probe console script is not installed in this environment")
-def test_console_script_runs_the_demo_and_reports_errors_on_stderr(tmp_path):
-    done = subprocess.run([PROBE_SCRIPT, "demo", "--quiet", "--out", tmp_path / "demo"], capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr
-    report = json.loads((tmp_path / "demo" / "report.json").read_text())
+def test_console_script_runs_the_demo_and_reports_errors_on_stderr(tmp_path, demo_results):
+    report = json.loads((demo_results / "report.json").read_text())  # written by the console script
     errors = {layer["name"]: layer["metrics"]["test"]["error"] for layer in report["layers"]}
     assert errors["pixels"] > errors["relu3"]
     failed = subprocess.run([PROBE_SCRIPT, "layers", tmp_path / "missing.onnx"], capture_output=True, text=True)

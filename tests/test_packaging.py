@@ -31,6 +31,7 @@ def test_wheel_holds_core_backends_cli_and_bundled_data(tmp_path):
         "probecore/cli/app.py",
         "probecore/data/mnist_convnet.onnx",
         "probecore/data/mnist5k.npz",
+        "probecore/report.js",  # report.html's script
     }
     assert expected <= names
     top_level = {name.split("/")[0] for name in names if not name.split("/")[0].endswith(".dist-info")}

@@ -15,7 +15,7 @@ from test_diagnostics import planted_report
 import probecore
 from probecore.bundled import DEMO_MODEL
 from probecore.cli.sweep import checkpoint_order
-from probecore.html_report import report_html
+from probecore.html_report import DATA_ID, report_html
 from probecore.render import report_figures
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -59,18 +59,26 @@ def test_figures_are_pngs_and_the_html_draws_each_layer_colored():
     assert html.count("<rect ") == len(report.layers) and "dead segment" in html
     fills = re.findall(r'<rect [^>]*fill="(rgb\([^"]+\))"', html)
     assert fills[-1] != fills[0]  # the best layer (5%) is not colored as the 30% ones
-    assert "data:image/png;base64," in html and "<script" not in html and "http" not in html.split("<svg")[0]
-    assert all(f"<td>{layer.name}</td>" in html for layer in report.layers)
+    assert "data:image/png;base64," in html and re.findall(r'(?:src|href)="(?!data:)', html) == []  # nothing fetched
+    assert all(f'<td class="name">{layer.name}</td>' in html for layer in report.layers)
+    assert html.count("<g data-report") == len(report.layers)
 
 
 def test_html_escapes_layer_names():
     report = planted_report()
-    report.layers[0].name = "<b>layer</b>"
-    assert "<b>layer</b>" not in report_html(report) and "&lt;b&gt;layer&lt;/b&gt;" in report_html(report)
+    report.layers[0].name = "<b>layer</b></script><script>alert(1)</script>"
+    html = report_html(report)
+    assert "<b>layer</b>" not in html and "&lt;b&gt;layer&lt;/b&gt;" in html and "alert(1)</script>" not in html
+    block = re.search(f'<script type="application/json" id="{DATA_ID}">(.*?)</script>', html).group(1)
+    assert json.loads(block)["reports"][0]["layers"][0]["name"] == report.layers[0].name
 
 
 @pytest.fixture
 def checkpoints(tmp_path, rng):
+    return save_checkpoints(tmp_path, rng)
+
+
+def save_checkpoints(folder, rng):
     """The demo model as trained, and the same graph with its weights scrambled (as before training)."""
     trained = onnx.load(str(DEMO_MODEL))
     scrambled = onnx.load(str(DEMO_MODEL))
@@ -79,9 +87,9 @@ def checkpoints(tmp_path, rng):
         if values.size > 16:
             noise = rng.normal(scale=values.std() + 1e-3, size=values.shape).astype(values.dtype)
             initializer.CopyFrom(numpy_helper.from_array(noise, initializer.name))
-    onnx.save(scrambled, str(tmp_path / "ckpt_0.onnx"))
-    onnx.save(trained, str(tmp_path / "ckpt_1.onnx"))
-    return [tmp_path / "ckpt_0.onnx", tmp_path / "ckpt_1.onnx"]
+    onnx.save(scrambled, str(folder / "ckpt_0.onnx"))
+    onnx.save(trained, str(folder / "ckpt_1.onnx"))
+    return [folder / "ckpt_0.onnx", folder / "ckpt_1.onnx"]
 
 
 def test_probe_sweep_writes_the_grid_and_its_figures(tmp_path, checkpoints, demo_arrays):
@@ -95,7 +103,7 @@ def test_probe_sweep_writes_the_grid_and_its_figures(tmp_path, checkpoints, demo
     scrambled = [row[0] for row in written["test_error"]]
     assert trained[-1] < scrambled[-1]  # the trained logits read the digits far better than scrambled ones
     assert (out / "heatmap.png").read_bytes().startswith(PNG) and (out / "errors_last.png").read_bytes().startswith(PNG)
-    assert "Test error grid" in (out / "report.html").read_text()
+    assert (out / "report.html").read_text().count('<td data-report="1"') == 3  # the trained checkpoint's column
     (out / "heatmap.png").unlink()
     again = invoke("report", out)
     assert again.exit_code == 0, again.output
