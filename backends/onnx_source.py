@@ -176,6 +176,18 @@ class OnnxSource:
     def identity(self) -> dict:
         return {"model_sha256": self.model_sha256, "input": ",".join(self.input_names)}
 
+    def loss_evaluator(self, fit_device: str):
+        """The GPU fitter for ``RunSpec.fit_device`` (``onnx_fit.DeviceFitter``), or None for the host's: "cuda"
+        is refused in one line where onnxruntime cannot use CUDA; "auto" takes CUDA unless the model is kept on
+        the CPU (``device="cpu"``, or its session fell back there) or CUDA does not work here."""
+        from . import onnx_fit
+
+        if fit_device == "cuda":
+            return onnx_fit.DeviceFitter("cuda")
+        if fit_device != "auto" or self.device == "cpu" or self.provider == CPU:
+            return None
+        return onnx_fit.cuda_fitter()
+
     def describe(self) -> dict:
         return {
             "model": str(self.path),
@@ -251,7 +263,7 @@ def create_session(model_bytes: bytes, device: str = "auto", spin: bool = True, 
     if weights_dir is not None:
         options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(weights_dir))
     if device in ("auto", "cuda") and CUDA in ort.get_available_providers():
-        _preload_cuda_libraries(ort)
+        preload_cuda_libraries()
         try:
             session = ort.InferenceSession(model_bytes, options, providers=[CUDA, CPU])
             if session.get_providers()[0] == CUDA:
@@ -273,8 +285,10 @@ def create_session(model_bytes: bytes, device: str = "auto", spin: bool = True, 
 
 
 @functools.cache
-def _preload_cuda_libraries(ort) -> None:
+def preload_cuda_libraries() -> None:
     """Load CUDA and cuDNN from pip's nvidia-* packages, where onnxruntime-gpu does not look by itself."""
+    import onnxruntime as ort
+
     if not hasattr(ort, "preload_dlls"):
         return
     with open(os.devnull, "w") as sink, contextlib.redirect_stdout(sink):  # it prints what it cannot find
