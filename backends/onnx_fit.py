@@ -127,7 +127,13 @@ class DeviceFitter:
         """``array`` as an OrtValue on this fitter's device: uploaded once (on the CPU, shared, not copied)."""
         import onnxruntime as ort
 
-        return ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array), self.device, 0)
+        try:
+            return ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array), self.device, 0)
+        except Exception as exc:  # out of device memory, mostly
+            raise ModelError(
+                f"cannot upload a {' x '.join(map(str, array.shape))} array to {self.device} ({first_line(exc)}); "
+                "fit fewer layers at once (--threads) or use --fit-device cpu"
+            ) from None
 
 
 _SESSIONS_LOCK = threading.Lock()
@@ -178,9 +184,10 @@ def cuda_fitter() -> DeviceFitter | None:
 class OrtSoftmaxLoss:
     """``softmax.SoftmaxLoss``'s value, gradient and held-out loss, computed by onnxruntime on the fitter's
     device: a ``softmax.LossEvaluator``. The training features (and, at the first ``held_out_loss``, the
-    held-out ones) are uploaded once; ``params`` is written into kept float32 buffers bound to the session,
-    so an evaluation allocates nothing but the gradient it returns. One evaluator serves one fit (one
-    thread)."""
+    held-out ones) are uploaded once; ``params`` is written into kept float32 buffers, bound again at every
+    evaluation (binding a host value copies it to the device then, not at each run), and the outputs land in
+    kept host buffers: an evaluation allocates nothing but the gradient it returns. One evaluator serves one
+    fit (one thread)."""
 
     def __init__(self, fitter: DeviceFitter, features: np.ndarray, labels: np.ndarray, n_classes: int, l2: float):
         features = np.ascontiguousarray(features, np.float32)
@@ -189,6 +196,7 @@ class OrtSoftmaxLoss:
         self.n_samples, self.n_features = features.shape
         self._weights = np.zeros((self.n_features, n_classes), np.float32)
         self._bias = np.zeros(n_classes, np.float32)
+        self._params = {"weights": _host_value(self._weights), "bias": _host_value(self._bias)}
         self._features = fitter.bind(features)
         self._train = self._binding(fitter.gradient, self._features, labels)
         self._train.bind_ortvalue_input("inverse_n", fitter.bind(np.array(1 / self.n_samples, np.float32)))
@@ -204,21 +212,21 @@ class OrtSoftmaxLoss:
         binding = session.io_binding()
         binding.bind_ortvalue_input("x", features)
         binding.bind_ortvalue_input("y", self.fitter.bind(_one_hot(labels, self.n_classes)))
-        binding.bind_ortvalue_input("weights", _host_value(self._weights))
-        binding.bind_ortvalue_input("bias", _host_value(self._bias))
         return binding
 
-    def _set_params(self, params: np.ndarray) -> np.ndarray:
-        """Write ``params`` into the bound buffers; return the flat float64 weights (a view)."""
+    def _set_params(self, params: np.ndarray, binding) -> np.ndarray:
+        """Bind ``params`` (as float32) to ``binding``; return the flat float64 weights (a view)."""
         n_weights = self.n_features * self.n_classes
         flat_weights = params[:n_weights]
         self._weights[...] = flat_weights.reshape(self.n_features, self.n_classes)
         self._bias[...] = params[n_weights:]
+        for name, value in self._params.items():
+            binding.bind_ortvalue_input(name, value)
         return flat_weights
 
     def value_and_grad(self, params: np.ndarray) -> tuple[float, np.ndarray]:
         params = np.ascontiguousarray(params, dtype=np.float64)
-        flat_weights = self._set_params(params)
+        flat_weights = self._set_params(params, self._train)
         self._run(self.fitter.gradient, self._train)
         n_weights = len(flat_weights)
         grad = np.empty(len(params))
@@ -237,7 +245,7 @@ class OrtSoftmaxLoss:
             binding.bind_ortvalue_output("log_likelihood", _host_value(total))
             self._held_out = (features, binding, total)
         _, binding, total = self._held_out
-        self._set_params(np.ascontiguousarray(params, dtype=np.float64))
+        self._set_params(np.ascontiguousarray(params, dtype=np.float64), binding)
         self._run(self.fitter.value, binding)
         return -float(total) / len(features)
 
@@ -254,7 +262,9 @@ class OrtSoftmaxLoss:
     @staticmethod
     def _run(session, binding) -> None:
         try:
+            binding.synchronize_inputs()  # the host values bound are on the device before the run reads them
             session.run_with_iobinding(binding)
+            binding.synchronize_outputs()  # and the results in the host buffers when it returns
         except Exception as exc:  # out of device memory, mostly
             raise ModelError(f"onnxruntime failed to evaluate a probe's loss: {first_line(exc)}") from None
 

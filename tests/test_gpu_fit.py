@@ -27,12 +27,17 @@ pytestmark = pytest.mark.skipif(
 def test_value_and_gradient_on_cuda_match_the_float64_reference(rng, n, d, c, l2):
     features = rng.standard_normal((n, d)).astype(np.float32)
     labels = rng.integers(0, c, n)
-    params = rng.standard_normal(d * c + c) * 0.5
-    value, grad = FITTER(features, labels, c, l2).value_and_grad(params)
-    ref_value, ref_grad_w, ref_grad_b = ref.softmax_objective(features, labels, params[: d * c].reshape(d, c), params[d * c :], l2)
-    ref_grad = np.concatenate([ref_grad_w.ravel(), ref_grad_b])
-    np.testing.assert_allclose(value, ref_value, rtol=1e-5)
-    np.testing.assert_allclose(grad, ref_grad, rtol=1e-4, atol=1e-5 * np.abs(ref_grad).max())
+    loss = FITTER(features, labels, c, l2)
+    for _ in range(3):  # new parameters each time, on the same bindings: each evaluation sees its own
+        params = rng.standard_normal(d * c + c) * 0.5
+        value, grad = loss.value_and_grad(params)
+        weights, bias = params[: d * c].reshape(d, c), params[d * c :]
+        ref_value, ref_grad_w, ref_grad_b = ref.softmax_objective(features, labels, weights, bias, l2)
+        ref_grad = np.concatenate([ref_grad_w.ravel(), ref_grad_b])
+        np.testing.assert_allclose(value, ref_value, rtol=1e-5)
+        np.testing.assert_allclose(grad, ref_grad, rtol=1e-4, atol=1e-5 * np.abs(ref_grad).max())
+        expected = ref.softmax_objective(features[:5], labels[:5], weights, bias, 0.0)[0]
+        assert loss.held_out_loss(params, features[:5], labels[:5]) == pytest.approx(expected, rel=1e-5)
 
 
 @pytest.mark.parametrize("n, d, c", [(1500, 24, 4), (4000, 512, 10), (4000, 1024, 100)])

@@ -33,6 +33,7 @@ def test_value_gradient_and_held_out_loss_match_the_float64_reference(fitter, rn
     labels = rng.integers(0, c, n)
     params = rng.standard_normal(d * c + c) * 0.5
     loss = fitter(features, labels, c, l2)
+    loss.value_and_grad(params[::-1].copy())  # other parameters first: each evaluation binds its own
     value, grad = loss.value_and_grad(params)
 
     weights, bias = params[: d * c].reshape(d, c), params[d * c :]
