@@ -12,7 +12,6 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .errors import ProbeError
-from .lbfgs import minimize
 from .precondition import SpectralPreconditioner
 from .softmax import KERNELS, EvaluatorFactory, LossEvaluator, SoftmaxLoss, SplitMetrics, log_softmax, split_metrics
 
@@ -350,6 +349,7 @@ class _Path:
 
     def _run(self, fit: _Fit, rule: _Rule | None) -> _Fit:
         """Continue ``fit`` until ``rule`` (or the settled rule, or L-BFGS's own tests) stops it."""
+        from .lbfgs import minimize  # numba: compiled code, loaded at the first fit, not by ``import probecore``
         options, loss = self.options, self.loss
         loss.l2 = fit.point.l2
         if fit.watch is not None:
