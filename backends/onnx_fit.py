@@ -165,8 +165,9 @@ def _build_sessions(device: str, threads: int | None):
     for graph in (gradient_graph(), value_graph(), gram_graph()):
         try:
             session = ort.InferenceSession(graph, options, providers=providers)
-        except Exception:
-            raise ModelError(NO_CUDA) from None
+        except Exception as exc:
+            why = NO_CUDA if device == "cuda" else f"onnxruntime cannot fit probes here: {first_line(exc)}"
+            raise ModelError(why) from None
         if device == "cuda" and session.get_providers()[0] != CUDA:
             raise ModelError(NO_CUDA)
         sessions.append(session)

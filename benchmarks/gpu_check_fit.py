@@ -21,7 +21,8 @@ Parts (``--parts``, all by default), each a section of the JSON:
   device fitter (``onnx_fit.DeviceFitter``); wall times and their ratio (the issue's target: >= 20), per
   layer the strength chosen, the objective (float64) and test errors of both (targets: 1e-4 relative, 0.1
   points), and the time spent inside device evaluations.
-- ``decode``: images/s decoding and preprocessing 224-pixel JPEGs (``ImageFolder``) with 1, 2, 4, ... threads.
+- ``decode``: images/s decoding and preprocessing JPEGs (``ImageFolder``: 224 x 224 files as they are, and
+  500 x 375 ones resized and cropped) with 1, 2, 4, 8 and every core's threads.
 - ``run``: ``probe run`` in fresh processes on a folder of JPEGs (the same model, the 16 blocks, global
   pooling): ``--device cpu --fit-device cpu`` against ``--device cuda --fit-device cuda`` (target: >= 10x);
   wall times, the reports' seconds, the share of onnxruntime's time spent waiting for images, test errors.
@@ -196,15 +197,19 @@ def write_jpegs(root: Path, n_images: int, size: tuple[int, int], n_classes: int
 def decode(scratch: Path, sizes: dict) -> dict:
     from probecore.images import ImageFolder, ImagePreprocessing
 
-    root = write_jpegs(scratch / "decode", sizes["decode_images"], (224, 224))
-    preprocessing = ImagePreprocessing(size=224, resize=224)  # decode and normalize: no resampling
+    kinds = {  # JPEG size, preprocessing: decoding and normalizing only, or ImageNet's resize and crop too
+        "224px_no_resize": ((224, 224), ImagePreprocessing(size=224, resize=224)),
+        "500x375_resize_256": ((500, 375), ImagePreprocessing(size=224)),
+    }
     cores = available_cores()
-    results = {"cpu_cores": cores, "images": sizes["decode_images"], "image_size": 224}
-    for workers in sorted({1, 2, 4, 8, cores} & set(range(1, cores + 1))):
-        folder = ImageFolder(root, preprocessing, workers=workers)
-        seconds = interleaved({"load": lambda folder=folder: folder[:]}, sizes["rounds"])["load"]
-        results[f"workers_{workers}"] = {"images_per_s": round(len(folder) / seconds, 1),
-                                         "images_per_s_per_worker": round(len(folder) / seconds / workers, 1)}  # fmt: skip
+    results = {"cpu_cores": cores, "images": sizes["decode_images"]}
+    for kind, (size, preprocessing) in kinds.items():
+        root = write_jpegs(scratch / f"decode_{kind}", sizes["decode_images"], size)
+        results[kind] = {}
+        for workers in sorted({1, 2, 4, 8, cores} & set(range(1, cores + 1))):
+            folder = ImageFolder(root, preprocessing, workers=workers)
+            rate = len(folder) / interleaved({"load": lambda folder=folder: folder[:]}, sizes["rounds"])["load"]
+            results[kind][f"workers_{workers}"] = {"images_per_s": round(rate, 1), "per_worker": round(rate / workers, 1)}
     return results
 
 
@@ -238,7 +243,8 @@ def whole_run(model: Path, scratch: Path, device: str, sizes: dict) -> dict:
     if "wall_seconds" in results["cpu"] and "wall_seconds" in results["device"]:
         results["speedup_wall"] = round(results["cpu"]["wall_seconds"] / results["device"]["wall_seconds"], 2)
         errors = [results[side]["test_error"] for side in ("cpu", "device")]
-        results["largest_test_error_difference_points"] = round(100 * max(abs(errors[0][n] - errors[1][n]) for n in errors[0]), 3)
+        worst = max(abs(errors[0][name] - errors[1][name]) for name in errors[0])
+        results["largest_test_error_difference_points"] = round(100 * worst, 3)
     return results
 
 
@@ -259,7 +265,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="probecore-gpu-check-") as folder:
         scratch = Path(folder)
         model = build_resnet50(scratch / "resnet50.onnx", image_size=224 if "run" in parts else sizes["image_size"])
-        small_model = model if sizes["image_size"] == 224 else build_resnet50(scratch / "small.onnx", image_size=sizes["image_size"])
+        small_model = model
+        if sizes["image_size"] != 224:
+            small_model = build_resnet50(scratch / "small.onnx", image_size=sizes["image_size"])
         steps = {
             "extraction": lambda: extraction(small_model, device, sizes),
             "fit": lambda: {f"classes_{c}": fitting(device, c, sizes) for c in (10, 100)},

@@ -25,5 +25,5 @@ def test_the_gpu_check_runs_on_the_cpu(tmp_path):
         assert fit["same_strength_every_layer"], fit
         assert fit["largest_objective_relative_difference"] <= 1e-4, fit
         assert fit["largest_test_error_difference_points"] <= 0.2, fit  # 500 test samples: one is 0.2 points
-    assert results["decode"]["workers_1"]["images_per_s"] > 0
+    assert results["decode"]["500x375_resize_256"]["workers_1"]["images_per_s"] > 0
     assert "wall_seconds" in results["run"]["cpu"] and "wall_seconds" in results["run"]["device"], results["run"]

@@ -85,8 +85,10 @@ def test_prefetch_overlap(tmp_path, benchmark, paired, record):
     for start in range(0, len(folder), BATCH):
         folder[start : start + BATCH]
     infer_seconds = (time.perf_counter() - started) / -(-len(folder) // BATCH)  # as long as decoding a batch
-    measured = paired(lambda: _fed(folder, 1, infer_seconds), lambda: _fed(folder, 0, infer_seconds), ROUNDS[_mode(benchmark)])
-    (batches_ahead, wall_ahead, wait_ahead), (batches_asked, wall_asked, wait_asked) = measured.candidate_result, measured.baseline_result
+    rounds = ROUNDS[_mode(benchmark)]
+    measured = paired(lambda: _fed(folder, 1, infer_seconds), lambda: _fed(folder, 0, infer_seconds), rounds)
+    batches_ahead, wall_ahead, wait_ahead = measured.candidate_result
+    batches_asked, wall_asked, wait_asked = measured.baseline_result
     record(
         {
             "images": len(folder),

@@ -19,11 +19,14 @@ from test_onnx_fit import _layer_problem, _objective
 
 FITTER = cuda_fitter()
 pytestmark = pytest.mark.skipif(
-    FITTER is None, reason="no GPU fit here: onnxruntime cannot use CUDA (onnxruntime-gpu, an NVIDIA GPU and CUDA needed)"
+    FITTER is None, reason="no GPU fit here: onnxruntime cannot use CUDA (needs onnxruntime-gpu, an NVIDIA GPU, CUDA)"
 )
 
 
-@pytest.mark.parametrize("n, d, c, l2", [(1, 1, 2, 0.0), (200, 16, 10, 1e-2), (2500, 300, 7, 1e-3), (9, 17, 1000, 1e-3)])
+CASES = [(1, 1, 2, 0.0), (200, 16, 10, 1e-2), (2500, 300, 7, 1e-3), (9, 17, 1000, 1e-3)]  # (N, d, C, l2)
+
+
+@pytest.mark.parametrize("n, d, c, l2", CASES)
 def test_value_and_gradient_on_cuda_match_the_float64_reference(rng, n, d, c, l2):
     features = rng.standard_normal((n, d)).astype(np.float32)
     labels = rng.integers(0, c, n)
@@ -60,7 +63,8 @@ def test_a_run_with_fit_device_cuda_reports_the_cpu_run_s_probes(tmp_path, rng):
     dataset = probecore.split_dataset(x, y, seed=1)
     spec = RunSpec(layers=("relu", "swish", "pool"), fit_device="cpu")
     on_host = probecore.run_probes(OnnxSource(model, device="cuda"), dataset, spec)
-    on_device = probecore.run_probes(OnnxSource(model, device="cuda"), dataset, dataclasses.replace(spec, fit_device="auto"))
+    auto = dataclasses.replace(spec, fit_device="auto")
+    on_device = probecore.run_probes(OnnxSource(model, device="cuda"), dataset, auto)
     assert on_host.settings["fit_device"] == {"device": "cpu"}
     assert on_device.settings["fit_device"]["provider"] == "CUDAExecutionProvider"
     for host, device in zip(on_host.layers, on_device.layers):
