@@ -23,7 +23,7 @@ def batches(x, step: int, ahead: int = AHEAD) -> Iterator[tuple[int, np.ndarray]
     starts = range(0, len(x), step)
     if isinstance(x, np.ndarray) or ahead < 1:
         for start in starts:
-            yield start, x[start : start + step]
+            yield start, _load(x, start, step)
         return
     with ThreadPoolExecutor(1, thread_name_prefix="probecore-prefetch") as loader:
         pending = deque()
