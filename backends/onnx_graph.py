@@ -330,12 +330,15 @@ def mask_input(inputs: list[onnx.ValueInfoProto]) -> str | None:
 
 
 def with_outputs(
-    model: onnx.ModelProto, names: list[str], reductions: dict | None = None, typed: dict | None = None
+    model: onnx.ModelProto, names: list[str], reductions: dict | None = None, typed: dict | None = None,
+    concat: bool = False,
 ) -> bytes:
     """``model`` serialized with ``names`` as its graph outputs, as they are, and each layer of ``reductions``
     reduced in the graph (see ``onnx_reduce``); nodes that none of these need are left out, since
     onnxruntime runs every node of a graph whether its result is fetched or not. ``typed``: ``typed_values``
-    of the shape-inferred model, when ``model`` is a fresh read without inferred shapes.
+    of the shape-inferred model, when ``model`` is a fresh read without inferred shapes. With ``concat``, the
+    reduced layers leave as one output, ``onnx_reduce.CONCAT`` (N, their widths summed, in the order of
+    ``reductions``): one copy from the device per batch instead of one per layer.
 
     The changes are undone before returning, so the caller's model is left as it was without copying its
     weights. Each layer's reduction nodes go right after the graph's own nodes, deepest layer first:
@@ -360,9 +363,13 @@ def with_outputs(
             nodes, initializers = onnx_reduce.reduction_nodes(layer, reduction, typed.get(layer))
             added.extend(nodes)
             graph.initializer.extend(initializers)
-            width = reduction.n_features_out
-            reduced = onnx_reduce.reduced_name(layer)
-            graph.output.append(helper.make_tensor_value_info(reduced, TensorProto.FLOAT, [batch_dim, width]))
+            if not concat:
+                width, reduced = reduction.n_features_out, onnx_reduce.reduced_name(layer)
+                graph.output.append(helper.make_tensor_value_info(reduced, TensorProto.FLOAT, [batch_dim, width]))
+        if concat and reductions:
+            added.append(onnx_reduce.concat_node(list(reductions)))
+            width = sum(reduction.n_features_out for reduction in reductions.values())
+            graph.output.append(helper.make_tensor_value_info(onnx_reduce.CONCAT, TensorProto.FLOAT, [batch_dim, width]))
         own = list(original.node)  # one wrapper per node, held, so that ids stay valid
         needed = _needed_nodes([*own, *added], [value.name for value in graph.output])
         del graph.node[:]

@@ -22,6 +22,7 @@ from probecore.reduction import Reduction
 # AveragePool and MaxPool take ceil_mode from opset 10 on.
 MIN_OPSET = 10
 SUFFIX = "::probe"
+CONCAT = "::probe_features"  # every reduced layer side by side: one output, one copy to the host per batch
 
 
 def default_opset(model: onnx.ModelProto) -> int:
@@ -30,6 +31,17 @@ def default_opset(model: onnx.ModelProto) -> int:
 
 def reduced_name(layer: str) -> str:
     return layer + SUFFIX
+
+
+def concat_node(layers: list[str]) -> onnx.NodeProto:
+    """``CONCAT``: the reduced layers, (N, k_i) each, as one (N, sum k_i) tensor in the order given."""
+    return helper.make_node("Concat", [reduced_name(layer) for layer in layers], [CONCAT], name=CONCAT, axis=1)
+
+
+def split_concat(values: np.ndarray, widths: dict[str, int]) -> dict[str, np.ndarray]:
+    """``CONCAT``'s (N, sum k_i) values as each layer's (N, k_i) columns (views), in the order of ``widths``."""
+    ends = np.cumsum(list(widths.values()))
+    return {layer: values[:, end - width : end] for (layer, width), end in zip(widths.items(), ends)}
 
 
 class _Nodes:

@@ -8,11 +8,13 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import time
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
 
+from probecore import prefetch
 from probecore.errors import DataError, ModelError
 from probecore.feature_cache import canonical_json
 from probecore.reduction import Reduction
@@ -26,9 +28,17 @@ CPU = "CPUExecutionProvider"
 
 
 class OnnxSource:
-    """Activations of an ONNX model's tensors, computed by onnxruntime in batches."""
+    """Activations of an ONNX model's tensors, computed by onnxruntime in batches.
 
-    def __init__(self, path: str | Path, device: str = "auto", reduce_in_graph: bool = True):
+    ``concat_reduced``: the layers reduced in the graph leave it as one tensor, split into views on the host
+    (one copy from the device per batch instead of one per layer). ``io_binding``: inputs and outputs are
+    bound to the session (``run_with_iobinding``) rather than passed to ``run``. Both leave the features
+    unchanged; benchmarks/gpu_check_fit.py measures what each gives."""
+
+    def __init__(
+        self, path: str | Path, device: str = "auto", reduce_in_graph: bool = True, *, concat_reduced: bool = True,
+        io_binding: bool = False,
+    ):  # fmt: skip
         if device not in DEVICES:
             raise ModelError(f"device must be one of {', '.join(DEVICES)}, got {device!r}")
         self.path = Path(path)
@@ -41,6 +51,7 @@ class OnnxSource:
         self.model_sha256 = onnx_graph.model_sha256(self.path, self.external_data)
         self._given_inputs = onnx_graph.model_inputs(self._outline)  # as the file has them, open dimensions and all
         self.reduce_in_graph = reduce_in_graph and onnx_reduce.default_opset(self._outline) >= onnx_reduce.MIN_OPSET
+        self.concat_reduced, self.io_binding = concat_reduced, io_binding
         self._input_shapes: dict[str, tuple[int, ...]] = {}  # open input dimensions, as fixed from the data
         self._describe(self._outline)
         self.mask_input = onnx_graph.mask_input(self._inputs)
@@ -48,11 +59,15 @@ class OnnxSource:
         self._session_key = None
         self.provider: str | None = None
         self.bytes_fetched = 0  # bytes copied out of onnxruntime, to show what in-graph reduction saves
+        # time spent waiting for the next batch of inputs (decoding images) and in onnxruntime: the share of a
+        # GPU's time spent waiting for its inputs
+        self.seconds = {"waiting_for_inputs": 0.0, "running": 0.0}
 
     def __getstate__(self) -> dict:
         """Everything but the session, so a copy can be sent to another process (a Ray actor), which builds its
         own session from the same file when it first runs the model."""
-        return {**self.__dict__, "_session": None, "_session_key": None, "bytes_fetched": 0}
+        return {**self.__dict__, "_session": None, "_session_key": None, "bytes_fetched": 0,
+                "seconds": dict.fromkeys(self.seconds, 0.0)}  # fmt: skip
 
     def _describe(self, outline) -> None:
         """Learn the inputs, tensors and shapes that ``outline`` (shape-inferred) says the model has."""
@@ -147,12 +162,16 @@ class OnnxSource:
         ``spin`` lets onnxruntime's idle threads spin between runs: faster, unless the host has work to do."""
         inputs = self.input_names
         computed = [name for name in names if name not in inputs]
-        fetched = computed + [onnx_reduce.reduced_name(name) for name in reductions]
+        concat = self.concat_reduced and bool(reductions)
+        reduced = [onnx_reduce.CONCAT] if concat else [onnx_reduce.reduced_name(name) for name in reductions]
+        fetched = computed + reduced
+        widths = {name: reduction.n_features_out for name, reduction in reductions.items()}
         session = self._session_for(computed, reductions, spin) if fetched else None  # inputs alone need no model
         fixed_batch = self._input_dims[0] if self._input_dims and isinstance(self._input_dims[0], int) else 0
         step = fixed_batch if fixed_batch > 0 else batch_size
-        for start in range(0, len(x), step):
-            chunk = np.asarray(x[start : start + step])  # lazy inputs load here
+        waiting_since = time.perf_counter()
+        for start, chunk in prefetch.batches(x, step):  # lazy inputs (image folders) load a batch ahead
+            self.seconds["waiting_for_inputs"] += time.perf_counter() - waiting_since
             given = {inputs[0]: chunk} if len(inputs) == 1 else {name: chunk[name] for name in inputs}
             feed = {}
             for name, dtype in self._input_dtypes.items():
@@ -160,21 +179,51 @@ class OnnxSource:
                 if fixed_batch > 0 and len(chunk) < fixed_batch:  # a model exported with a fixed batch size
                     array = np.concatenate([array, np.repeat(array[-1:], fixed_batch - len(chunk), axis=0)])
                 feed[name] = array
+            running_since = time.perf_counter()
             try:
-                values = session.run(fetched, feed) if fetched else []
+                values = self._fetch(session, fetched, feed) if fetched else []
             except Exception as exc:
                 raise ModelError(
                     f"onnxruntime failed on samples {start}..{start + len(chunk) - 1}: {onnx_graph.first_line(exc)}"
                 ) from None
+            self.seconds["running"] += time.perf_counter() - running_since
             self.bytes_fetched += sum(value.nbytes for value in values)
             outputs = dict(zip(fetched, values))
+            if concat:
+                by_layer = onnx_reduce.split_concat(outputs[onnx_reduce.CONCAT], widths)
+            else:
+                by_layer = {name: outputs[onnx_reduce.reduced_name(name)] for name in reductions}
             batch = {name: outputs[name][: len(chunk)] for name in computed}
-            batch.update({name: outputs[onnx_reduce.reduced_name(name)][: len(chunk)] for name in reductions})
+            batch.update({name: values[: len(chunk)] for name, values in by_layer.items()})
             batch.update({name: given[name] for name in names if name in given})
             yield batch
+            waiting_since = time.perf_counter()
+
+    def _fetch(self, session, fetched: list[str], feed: dict) -> list[np.ndarray]:
+        if not self.io_binding:
+            return session.run(fetched, feed)
+        binding = session.io_binding()
+        for name, array in feed.items():
+            binding.bind_cpu_input(name, array)
+        for name in fetched:
+            binding.bind_output(name, "cpu")
+        session.run_with_iobinding(binding)
+        return [value.numpy() for value in binding.get_outputs()]
 
     def identity(self) -> dict:
         return {"model_sha256": self.model_sha256, "input": ",".join(self.input_names)}
+
+    def loss_evaluator(self, fit_device: str):
+        """The GPU fitter for ``RunSpec.fit_device`` (``onnx_fit.DeviceFitter``), or None for the host's: "cuda"
+        is refused in one line where onnxruntime cannot use CUDA; "auto" takes CUDA unless the model is kept on
+        the CPU (``device="cpu"``, or its session fell back there) or CUDA does not work here."""
+        from . import onnx_fit
+
+        if fit_device == "cuda":
+            return onnx_fit.DeviceFitter("cuda")
+        if fit_device != "auto" or self.device == "cpu" or self.provider == CPU:
+            return None
+        return onnx_fit.cuda_fitter()
 
     def describe(self) -> dict:
         return {
@@ -188,18 +237,19 @@ class OnnxSource:
             "provider": self.provider,
             "reduce_in_graph_allowed": self.reduce_in_graph,  # per layer: reduction["reduced_in"]
             "bytes_fetched": self.bytes_fetched,
+            "seconds": {stage: round(value, 3) for stage, value in self.seconds.items()},
         }
 
     def _session_for(self, outputs: list[str], reductions: Mapping[str, Reduction], spin: bool):
         reduction_keys = {name: reduction.key() for name, reduction in reductions.items()}
-        key = canonical_json([sorted(outputs), reduction_keys, spin, self._input_shapes])
+        key = canonical_json([sorted(outputs), reduction_keys, spin, self._input_shapes, self.concat_reduced])
         if self._session is None or self._session_key != key:
             self._session = None  # free the old session before building the next one
             model = onnx_graph.read_model(self.path)
             if onnx_graph.model_sha256(self.path, self.external_data) != self.model_sha256:
                 raise ModelError(f"{self.path} changed while it was being probed; rerun once it is written")
             onnx_graph.set_input_dims(model, self._input_shapes)
-            exposed = onnx_graph.with_outputs(model, outputs, dict(reductions), self._typed)
+            exposed = onnx_graph.with_outputs(model, outputs, dict(reductions), self._typed, self.concat_reduced)
             del model  # onnxruntime parses its own copy: hold one at a time
             weights_dir = self.path.parent if self.external_data else None
             try:
@@ -251,7 +301,7 @@ def create_session(model_bytes: bytes, device: str = "auto", spin: bool = True, 
     if weights_dir is not None:
         options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(weights_dir))
     if device in ("auto", "cuda") and CUDA in ort.get_available_providers():
-        _preload_cuda_libraries(ort)
+        preload_cuda_libraries()
         try:
             session = ort.InferenceSession(model_bytes, options, providers=[CUDA, CPU])
             if session.get_providers()[0] == CUDA:
@@ -273,8 +323,10 @@ def create_session(model_bytes: bytes, device: str = "auto", spin: bool = True, 
 
 
 @functools.cache
-def _preload_cuda_libraries(ort) -> None:
+def preload_cuda_libraries() -> None:
     """Load CUDA and cuDNN from pip's nvidia-* packages, where onnxruntime-gpu does not look by itself."""
+    import onnxruntime as ort
+
     if not hasattr(ort, "preload_dlls"):
         return
     with open(os.devnull, "w") as sink, contextlib.redirect_stdout(sink):  # it prints what it cannot find

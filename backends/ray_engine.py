@@ -118,7 +118,9 @@ class RayEngine:
                        for start in range(0, n, step)]  # fmt: skip
         return shards
 
-    def fit(self, train, train_labels, n_classes, valid, valid_labels, options, done=None):
+    def fit(self, train, train_labels, n_classes, valid, valid_labels, options, done=None, evaluator=None):
+        if evaluator is not None:
+            raise ProbeError("the Ray engine fits probes on its workers' CPUs; use --fit-device auto or cpu with --ray")
         ray = self._connect()
         options = dataclasses.replace(options, threads=1, blas_threads=self.fit_cpus)
         remote = ray.remote(num_cpus=self.fit_cpus, max_retries=3, retry_exceptions=False)(fit_probe)

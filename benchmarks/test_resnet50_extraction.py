@@ -11,6 +11,9 @@ temporary folder that is removed at the end. Batches of 16 random float32 images
   built and warmed up before timing. Figures: samples/s of both and the ratio probecore / plain (the
   issue's target is >= 0.97 on CPU; reported, not asserted). Guard: the pooled ``layer4.2`` features
   through the model's own classifier (``fc.weight``, ``fc.bias``) give the plain pass's logits.
+- ``test_resnet50_one_output``: ``OnnxSource.reduced_activations`` of the 16 pooled blocks with the reduced
+  layers concatenated into one graph output (the default since issue 16), and that with I/O binding, each
+  against one output per layer (before), paired rounds over the same images. Guard: the same features.
 - ``test_resnet50_peak_rss``: peak RSS of each side alone in a fresh process (``benchmarks/peak_rss.py``;
   ``VmHWM``, the peak RSS of the process's own address space) on 64 images at 224 px, and the ratio
   probecore / plain (target <= 1.3; reported, not asserted).
@@ -148,6 +151,41 @@ def test_resnet50_extraction_vs_forward(resnet50_model, benchmark, paired, recor
     logits = features["layer4.2"].astype(np.float64) @ weight.T.astype(np.float64) + bias
     scale = float(np.abs(plain_logits).max())
     np.testing.assert_allclose(logits, plain_logits, rtol=1e-4, atol=1e-4 * scale)
+
+
+@pytest.mark.benchmark(group="resnet50-outputs")
+@pytest.mark.parametrize("variant", ["concatenated", "concatenated_io_binding"])
+def test_resnet50_one_output(variant, resnet50_model, benchmark, paired, record):
+    image_size, split_sizes, rounds = THROUGHPUT[_mode(benchmark)]
+    path = resnet50_model(image_size)
+    x = _images(sum(split_sizes), image_size)
+    candidate = OnnxSource(path, device="cpu", io_binding=variant.endswith("io_binding"))
+    baseline = OnnxSource(path, device="cpu", concat_reduced=False)
+    policy = probecore.ReductionPolicy(global_pool=True)
+    chosen = probecore.select_layers(candidate.layers(), list(BLOCK_OUTPUTS))
+    reductions = {layer.name: probecore.plan_reduction(layer.name, layer.shape, policy) for layer in chosen}
+
+    def features(source):
+        return lambda: [dict(batch) for batch in source.reduced_activations(x, reductions, BATCH_SIZE)]
+
+    for source in (candidate, baseline):  # sessions built, allocators grown: not timed
+        next(iter(source.reduced_activations(x[:BATCH_SIZE], reductions, BATCH_SIZE)))
+    timed = paired(features(candidate), features(baseline), rounds)
+    record(
+        {
+            "variant": variant,
+            "image_size": image_size,
+            "n_samples": len(x),
+            "one_output_per_layer_samples_per_s": round(len(x) / timed.baseline_min, 2),
+            f"{variant}_samples_per_s": round(len(x) / timed.candidate_min, 2),
+            "ratio": round(timed.baseline_min / timed.candidate_min, 3),
+            "ratio_of_medians": round(np.median(timed.baseline_seconds) / np.median(timed.candidate_seconds), 3),
+            **timed.figures(),
+        }
+    )
+    for got, expected in zip(timed.candidate_result, timed.baseline_result):
+        for name in reductions:
+            np.testing.assert_array_equal(got[name], expected[name])
 
 
 def peak_rss(side: str, model: Path, n: int) -> dict:

@@ -61,6 +61,10 @@ def _shared(
     ),
     test_fraction: float = typer.Option(SPEC.test_fraction, help="Share of the samples held out for testing (x/y data)."),
     device: str = typer.Option(SPEC.device, help="auto (CUDA when it works), cpu, or cuda."),
+    fit_device: str = typer.Option(
+        SPEC.fit_device, help="Where the probes are fitted: auto (on CUDA when the model runs there and "
+        "onnxruntime can use it), cpu, or cuda.",
+    ),
     cache_dir: Path = typer.Option(
         None, "--cache-dir", help="Where extracted features are kept for later runs "
         "[default: $PROBECORE_CACHE_DIR or ~/.cache/probecore].", show_default=False,
@@ -90,7 +94,7 @@ def _shared(
         data=images, layers=layers or None, policy=policy, fit=FitOptions(l2=parse_floats(l2, "--l2"), threads=threads),
         valid_fraction=valid_fraction, test_fraction=test_fraction, batch_size=batch_size,
         layers_per_pass=layers_per_pass, control_task=control, cache_dir=None if no_cache else cache_dir or default_cache_dir(),
-        cache_dtype="float16" if cache_float16 else "float32", device=device, seed=seed,
+        cache_dtype="float16" if cache_float16 else "float32", device=device, fit_device=fit_device, seed=seed,
     )  # fmt: skip
 
 

@@ -13,6 +13,7 @@ import numpy as np
 
 from .extraction import ExtractedFeatures, ExtractionPlan, ProgressCallback, run_extraction
 from .probe import FitOptions, Probe, fit_probes
+from .softmax import EvaluatorFactory
 from .source import ActivationSource
 
 
@@ -35,8 +36,10 @@ class Engine(Protocol):
         valid_labels: np.ndarray | None,
         options: FitOptions,
         done: Callable[[str, Probe], None] | None = None,
+        evaluator: EvaluatorFactory | None = None,
     ) -> dict[str, Probe]:
-        """One probe per layer, as ``fit_probes`` fits them."""
+        """One probe per layer, as ``fit_probes`` fits them (``evaluator``: a device's loss evaluator, for an
+        engine that fits in this process)."""
         ...
 
     def describe(self) -> dict:
@@ -50,8 +53,8 @@ class LocalEngine:
     def extract(self, source, plan, progress=None) -> ExtractedFeatures:
         return run_extraction(source, plan, progress)
 
-    def fit(self, train, train_labels, n_classes, valid, valid_labels, options, done=None) -> dict[str, Probe]:
-        return fit_probes(train, train_labels, n_classes, valid, valid_labels, options, done)
+    def fit(self, train, train_labels, n_classes, valid, valid_labels, options, done=None, evaluator=None):
+        return fit_probes(train, train_labels, n_classes, valid, valid_labels, options, done, evaluator)
 
     def describe(self) -> dict:
         return {"kind": "local"}

@@ -34,7 +34,9 @@ EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 _FORMATS = ("PNG", "JPEG", "BMP", "DIB", "GIF", "WEBP", "TIFF")
 _DTYPES = ("float32", "float16", "float64", "uint8")
 ON_ERROR = ("skip", "fail")
-MAX_WORKERS = 4
+# Decoding threads by default: every available core (Pillow releases the GIL while it decodes and resizes, and
+# a GPU needs them all: benchmarks/README.md, "Decoding images"), within reason on very large machines.
+MAX_WORKERS = 32
 
 
 @dataclass(frozen=True)
@@ -205,7 +207,7 @@ def _to_mode(image, mode: str):
     _check_mode(image)
     if image.mode.startswith("I;16"):
         image = Image.fromarray((np.asarray(image).astype(np.uint16) >> 8).astype(np.uint8), "L")
-    return image.convert(mode)
+    return image if image.mode == mode else image.convert(mode)  # convert() to the same mode copies
 
 
 def _is_dtype(value) -> bool:
@@ -243,8 +245,9 @@ class ImageFolder:
 
     Pass ``paths`` and ``labels`` (same length; relative paths are taken under ``root``) to use a given list
     of images instead of discovering them. ``workers`` threads decode each batch (Pillow
-    releases the GIL while decoding and resizing); the default is ``min(4, os.cpu_count())``. A folder
-    pickles small (no open files, no threads), so it can be sent to worker processes.
+    releases the GIL while decoding and resizing), from one pool per process kept between batches; the
+    default is one per available core (at most ``MAX_WORKERS``). A folder pickles small (no open files, no
+    threads), so it can be sent to worker processes.
     """
 
     def __init__(
@@ -382,14 +385,12 @@ class ImageFolder:
         def load_into(index: int) -> None:
             self._load_one(paths[index], out[index])
 
-        workers = min(self.workers, len(paths))
-        if workers <= 1:
+        if min(self.workers, len(paths)) <= 1:
             for index in range(len(paths)):
                 load_into(index)
         else:
-            with ThreadPoolExecutor(workers, thread_name_prefix="probecore-images") as pool:
-                for _ in pool.map(load_into, range(len(paths))):  # re-raises the first error, in order
-                    pass
+            for _ in _decoders(self.workers).map(load_into, range(len(paths))):  # re-raises the first error
+                pass
         return out
 
     def _load_one(self, path: Path, out: np.ndarray) -> None:
@@ -567,7 +568,15 @@ def _open_formats() -> tuple[str, ...]:
 
 
 def _default_workers() -> int:
-    return max(1, min(MAX_WORKERS, os.cpu_count() or 1))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(MAX_WORKERS, cores))
+
+
+@functools.cache
+def _decoders(workers: int) -> ThreadPoolExecutor:
+    """The decoding threads of every folder asking for ``workers`` of them: made once (starting threads for every
+    batch cost more than small images take to decode), idle between batches."""
+    return ThreadPoolExecutor(workers, thread_name_prefix="probecore-images")
 
 
 def _reason(exc: BaseException) -> str:

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import platform
 import time
 from collections.abc import Sequence
@@ -14,13 +15,14 @@ import numpy as np
 from .control import control_labels
 from .datasets import Dataset
 from .engine import Engine, LocalEngine
+from .errors import ProbeError
 from .extraction import ProgressCallback, checked_inputs, kept_in_cache, plan_extraction
 from .layers import probed_parents, select_layers
 from .probe import Probe
 from .reduction import Reduction
 from .report import LayerResult, ProbeReport
 from .run_spec import RunSpec
-from .softmax import SplitMetrics
+from .softmax import EvaluatorFactory, SplitMetrics
 from .source import ActivationSource, LayerInfo
 
 RECORDED_PACKAGES = ("probecore", "numpy", "scipy", "numba", "onnx", "onnxruntime", "onnxruntime-gpu")
@@ -46,18 +48,39 @@ def run_probes(
     inputs = checked_inputs(source, dataset)  # first: a model's open input sizes are fixed from the data here
     chosen = select_layers(source.layers(), spec.layers)
     plan = plan_extraction(source, inputs, chosen, spec, dataset.classes)
+    evaluator = loss_evaluator(source, spec.fit_device, engine)  # before extracting: "cuda" may be refused
     extracted = engine.extract(source, plan, progress)
     extract_seconds = time.perf_counter() - started
     with kept_in_cache(plan.cache):
-        results, fit_seconds = _fit_and_score(engine, dataset, chosen, extracted, spec, progress)
+        results, fit_seconds = _fit_and_score(engine, dataset, chosen, extracted, spec, progress, evaluator)
     parents = probed_parents(source.layers(), chosen)
     for layer, result in zip(chosen, results):  # where each layer sits in the model, for the diagnostics
         result.role, result.parents = layer.role, parents[layer.name]
     seconds = {"extract": extract_seconds, "fit": fit_seconds, "total": time.perf_counter() - started}
-    return _report(source, dataset, spec, engine, plan.cache, extracted, results, seconds)
+    fitted_on = getattr(evaluator, "describe", lambda: {"device": "cpu"})()
+    return _report(source, dataset, spec, engine, plan.cache, extracted, results, seconds, fitted_on)
 
 
-def _report(source, dataset, spec, engine, cache, extracted, results, seconds) -> ProbeReport:
+def loss_evaluator(source: ActivationSource, fit_device: str, engine: Engine) -> EvaluatorFactory | None:
+    """What evaluates the probes' losses as ``fit_device`` asks (``RunSpec``): None for the host's
+    ``SoftmaxLoss``, else the GPU fitter a source offers (``loss_evaluator(fit_device)``, as ``OnnxSource``
+    does), which decides "auto" and refuses "cuda" where it cannot. Only an engine fitting in this process
+    uses one."""
+    if fit_device == "cpu":
+        return None
+    offer = getattr(source, "loss_evaluator", None)
+    if not isinstance(engine, LocalEngine):
+        why = "the Ray engine fits probes on its workers' CPUs"
+    elif offer is None:
+        why = f"{type(source).__name__} offers no GPU fitter (an ONNX model's OnnxSource does)"
+    else:
+        return offer(fit_device)
+    if fit_device == "cuda":
+        raise ProbeError(f"--fit-device cuda was asked for, but {why}; use --fit-device auto or cpu")
+    return None
+
+
+def _report(source, dataset, spec, engine, cache, extracted, results, seconds, fitted_on) -> ProbeReport:
     model_test = None
     if extracted.model_test_scores is not None:
         predicted = extracted.model_test_scores.argmax(axis=1)
@@ -66,6 +89,7 @@ def _report(source, dataset, spec, engine, cache, extracted, results, seconds) -
         "source": source.describe(),
         "spec": spec.to_dict(),
         "engine": engine.describe(),
+        "fit_device": fitted_on,
         "reduced_by_source": extracted.reduced_by_source,
         "cache": None
         if cache is None
@@ -83,13 +107,14 @@ def _report(source, dataset, spec, engine, cache, extracted, results, seconds) -
     )
 
 
-def _fit_and_score(engine, dataset, layers, extracted, spec, progress) -> tuple[list[LayerResult], float]:
+def _fit_and_score(engine, dataset, layers, extracted, spec, progress, evaluator) -> tuple[list[LayerResult], float]:
     """Fit every layer's probe (and control probe) on the extracted features; score them on every split."""
     started, fit = time.perf_counter(), spec.fit
     n_classes = len(dataset.classes)
     features = extracted.by_layer
     counts = {name: activation_counts(features[name]) for name in features}  # NaN/Inf set to 0 here
-    probes = _fit_layers(engine, features, dataset.train.y, dataset.valid.y, n_classes, fit, progress, "fit")
+    fit_layers = functools.partial(_fit_layers, engine, progress=progress, evaluator=evaluator)
+    probes = fit_layers(features, dataset.train.y, dataset.valid.y, n_classes, fit, stage="fit")
     controls = {}
     if spec.control_task:
         labels = control_labels(dataset)
@@ -99,7 +124,7 @@ def _fit_and_score(engine, dataset, layers, extracted, spec, progress) -> tuple[
         for l2, names in by_strength.items():  # each control probe as its real one: same strength
             chosen_fit = dataclasses.replace(fit, l2=l2)
             group = {name: features[name] for name in names}
-            fitted = _fit_layers(engine, group, labels["train"], labels["valid"], n_classes, chosen_fit, progress, "control")
+            fitted = fit_layers(group, labels["train"], labels["valid"], n_classes, chosen_fit, stage="control")
             controls.update(
                 {name: {split: probe.evaluate(group[name][split], labels[split]) for split in labels}
                  for name, probe in fitted.items()}
@@ -132,7 +157,7 @@ def activation_counts(by_split: dict[str, np.ndarray]) -> dict:
             "features": int(train.shape[1])}  # fmt: skip
 
 
-def _fit_layers(engine, features, train_labels, valid_labels, n_classes, fit, progress, stage) -> dict[str, Probe]:
+def _fit_layers(engine, features, train_labels, valid_labels, n_classes, fit, *, progress, stage, evaluator):
     """``engine.fit`` over every layer of ``features`` (layer -> split -> array), reporting progress."""
     names = list(features)
     finished = []
@@ -144,7 +169,7 @@ def _fit_layers(engine, features, train_labels, valid_labels, n_classes, fit, pr
 
     train = {name: features[name]["train"] for name in names}
     valid = {name: features[name]["valid"] for name in names}
-    return engine.fit(train, train_labels, n_classes, valid, valid_labels, fit, done)
+    return engine.fit(train, train_labels, n_classes, valid, valid_labels, fit, done, evaluator)
 
 
 def _layer_result(layer: LayerInfo, reduction: Reduction, metrics, probe: Probe, control) -> LayerResult:

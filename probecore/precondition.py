@@ -11,6 +11,7 @@ to it (benchmarks/README.md).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -36,9 +37,12 @@ class SpectralPreconditioner:
     floor: float  # the (k+1)-th eigenvalue: where the shrunk directions end up
 
     @classmethod
-    def of(cls, features: np.ndarray, seed: int = 0) -> SpectralPreconditioner | None:
+    def of(
+        cls, features: np.ndarray, seed: int = 0, products: Callable[[np.ndarray], np.ndarray] | None = None
+    ) -> SpectralPreconditioner | None:
         """The preconditioner for (N, d) float32 ``features`` (standardized), from randomized subspace iteration
-        on ``X'X``; None where no direction stands out."""
+        on ``X'X``; None where no direction stands out. ``products(B)`` computes ``X'(X B)`` (float32) where the
+        features are kept elsewhere (on a GPU: ``onnx_fit.OrtSoftmaxLoss.gram_product``); else numpy does."""
         n_samples, n_features = features.shape
         rank = RANK
         if n_features < 2 * rank:  # narrow layers: measured slower with it (relu3, 128 features: 137 -> 411
@@ -46,9 +50,13 @@ class SpectralPreconditioner:
         rng = np.random.default_rng(seed)
         basis = rng.standard_normal((n_features, min(rank + OVERSAMPLE, n_features)), dtype=np.float32)
         for _ in range(POWER_ITERATIONS):
-            basis, _ = np.linalg.qr(features.T @ (features @ basis))
-        projected = (features @ basis).astype(np.float64)
-        eigenvalues, rotation = np.linalg.eigh(projected.T @ projected / n_samples)
+            basis, _ = np.linalg.qr(features.T @ (features @ basis) if products is None else products(basis))
+        if products is None:
+            projected = (features @ basis).astype(np.float64)
+            gram = projected.T @ projected
+        else:  # B'X'XB: the same matrix from one more product where the features are
+            gram = basis.T.astype(np.float64) @ products(basis).astype(np.float64)
+        eigenvalues, rotation = np.linalg.eigh(gram / n_samples)
         order = np.argsort(eigenvalues)[::-1]
         eigenvalues, rotation = eigenvalues[order], rotation[:, order]
         floor = float(eigenvalues[rank]) if rank < len(eigenvalues) else 1.0

@@ -12,9 +12,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .errors import ProbeError
-from .lbfgs import minimize
 from .precondition import SpectralPreconditioner
-from .softmax import KERNELS, SoftmaxLoss, SplitMetrics, log_softmax, split_metrics
+from .softmax import KERNELS, EvaluatorFactory, LossEvaluator, SoftmaxLoss, SplitMetrics, log_softmax, split_metrics
 
 DEFAULT_L2 = (1e-1, 1e-2, 1e-3, 1e-4, 1e-5)
 
@@ -135,11 +134,13 @@ def fit_probe(
     valid_features: np.ndarray | None = None,
     valid_labels: np.ndarray | None = None,
     options: FitOptions = FitOptions(),
+    evaluator: EvaluatorFactory | None = None,
 ) -> Probe:
     """Fit a probe on (N, d) features and integer labels in ``[0, n_classes)``, its loss evaluations spread
-    over ``options.threads`` threads (row chunks, ``softmax.SoftmaxLoss``)."""
+    over ``options.threads`` threads (row chunks, ``softmax.SoftmaxLoss``), or made by ``evaluator`` (the same
+    objective elsewhere, e.g. on a GPU: ``probecore.backends.onnx_fit.DeviceFitter``)."""
     with blas_limits(options.blas_threads), ThreadPoolExecutor(options.threads or available_cores()) as pool:
-        return _fit(train_features, train_labels, n_classes, valid_features, valid_labels, options, pool)
+        return _fit(train_features, train_labels, n_classes, valid_features, valid_labels, options, pool, evaluator)
 
 
 def fit_probes(
@@ -150,6 +151,7 @@ def fit_probes(
     valid_labels: np.ndarray | None = None,
     options: FitOptions = FitOptions(),
     done: Callable[[str, Probe], None] | None = None,
+    evaluator: EvaluatorFactory | None = None,
 ) -> dict[str, Probe]:
     """One probe per entry of ``train`` (layer name -> features), up to ``options.threads`` fitted at once,
     the largest first.
@@ -157,7 +159,9 @@ def fit_probes(
     The fits share one pool of ``options.threads`` threads for their loss evaluations (row chunks, which
     release the GIL and read the features without copies), so when fewer layers than threads are left, each
     remaining fit spreads over the idle ones, and no more than that many threads ever compute. Each probe is
-    the same as ``fit_probe`` would give alone. ``done(name, probe)`` is called as each one finishes."""
+    the same as ``fit_probe`` would give alone. ``done(name, probe)`` is called as each one finishes.
+    ``evaluator``: as in ``fit_probe``; the fits then run their L-BFGS on these threads and their evaluations
+    wherever the evaluator does."""
     threads = options.threads or available_cores()
     largest_first = sorted(train, key=lambda name: -np.shape(train[name])[1])  # about the same N and C
     with (
@@ -168,7 +172,7 @@ def fit_probes(
         futures = {
             fits.submit(
                 _fit, train[name], train_labels, n_classes, None if valid is None else valid[name], valid_labels,
-                options, pool,
+                options, pool, evaluator,
             ): name
             for name in largest_first
         }  # fmt: skip
@@ -194,7 +198,9 @@ def blas_limits(threads: int | None):
     return threadpool_limits(limits=threads, user_api="blas")
 
 
-def _fit(train_features, train_labels, n_classes, valid_features, valid_labels, options: FitOptions, pool) -> Probe:
+def _fit(
+    train_features, train_labels, n_classes, valid_features, valid_labels, options: FitOptions, pool, evaluator=None
+) -> Probe:
     started = time.perf_counter()
     path = options.l2_path
     has_valid = valid_features is not None and valid_labels is not None
@@ -204,16 +210,24 @@ def _fit(train_features, train_labels, n_classes, valid_features, valid_labels, 
         )
     mean, scale = _moments(train_features) if options.standardize else _identity(np.shape(train_features)[1])
     standardized = _standardized(train_features, mean, scale)
-    loss = SoftmaxLoss(standardized, np.asarray(train_labels, np.int64), n_classes, path[0], options.kernel, pool)
+    labels = np.asarray(train_labels, np.int64)
+    if evaluator is None:
+        loss = SoftmaxLoss(standardized, labels, n_classes, path[0], options.kernel, pool)
+    else:
+        loss = evaluator(standardized, labels, n_classes, path[0])
     valid = None
     if has_valid:
         valid = (_standardized(valid_features, mean, scale), np.ascontiguousarray(valid_labels, np.int64))
 
-    preconditioner = SpectralPreconditioner.of(standardized) if options.precondition else None
-    fits = _Path(loss, preconditioner, valid, options)
-    start = np.zeros(standardized.shape[1] * n_classes + n_classes)
+    preconditioner = None
+    if options.precondition:  # its products where the evaluator has the features, if it offers them
+        preconditioner = SpectralPreconditioner.of(standardized, products=getattr(loss, "gram_product", None))
+    fits = _Path(loss, preconditioner, valid, n_classes, options)
+    n_features = standardized.shape[1]
+    start = np.zeros(n_features * n_classes + n_classes)
     best = fits.first(path[0], start) if len(path) == 1 else fits.search(path, start)
-    weights, bias = loss.unpack(best.params)
+    weights = best.params[: n_features * n_classes].reshape(n_features, n_classes).astype(np.float32)
+    bias = best.params[n_features * n_classes :].astype(np.float32)
     points = [fit.point for fit in fits.tried]
     n_iter = sum(point.n_iter for point in points)
     chosen, seconds = best.point, time.perf_counter() - started
@@ -296,8 +310,9 @@ class _Path:
     """The strengths of one probe's path, fitted as the search asks: a first look (``LOOK``) at each, and the
     settled fit (``FitOptions``) only where a choice depends on it."""
 
-    def __init__(self, loss: SoftmaxLoss, preconditioner, valid, options: FitOptions):
+    def __init__(self, loss: LossEvaluator, preconditioner, valid, n_classes: int, options: FitOptions):
         self.loss, self.preconditioner, self.valid, self.options = loss, preconditioner, valid, options
+        self.n_classes = n_classes
         self.tried: list[_Fit] = []
 
     def search(self, path: Sequence[float], start: np.ndarray) -> _Fit:
@@ -334,14 +349,18 @@ class _Path:
 
     def _run(self, fit: _Fit, rule: _Rule | None) -> _Fit:
         """Continue ``fit`` until ``rule`` (or the settled rule, or L-BFGS's own tests) stops it."""
+        from .lbfgs import minimize  # numba: compiled code, loaded at the first fit, not by ``import probecore``
         options, loss = self.options, self.loss
         loss.l2 = fit.point.l2
         if fit.watch is not None:
             fit.watch.rule = rule or _Rule(options.patience, SETTLED_VALID, SETTLED_OBJECTIVE)
+        precondition = None
+        if self.preconditioner is not None:
+            precondition = _initial_inverse_hessian(loss.l2, self.n_classes, self.preconditioner)
         result = minimize(
             loss.value_and_grad,
             fit.params,
-            precondition=None if self.preconditioner is None else _initial_inverse_hessian(loss, self.preconditioner),
+            precondition=precondition,
             max_iter=options.max_iter,
             gtol=options.tol,
             # With a validation split the fit stops when it has settled: the test on the objective's relative fall
@@ -359,14 +378,14 @@ class _Path:
         return fit
 
 
-def _initial_inverse_hessian(loss: SoftmaxLoss, preconditioner: SpectralPreconditioner):
-    """``v -> M v``, ``M`` the preconditioner at ``loss.l2`` on the weights and the identity on the bias."""
-    scales = preconditioner.scales(loss.l2)
-    n_weights = loss.features.shape[1] * loss.n_classes
+def _initial_inverse_hessian(l2: float, n_classes: int, preconditioner: SpectralPreconditioner):
+    """``v -> M v``, ``M`` the preconditioner at ``l2`` on the weights and the identity on the bias."""
+    scales = preconditioner.scales(l2)
+    n_weights = len(preconditioner.vectors) * n_classes
 
     def apply(vector: np.ndarray) -> np.ndarray:
         out = vector.copy()
-        out[:n_weights] = preconditioner.apply(vector[:n_weights].reshape(-1, loss.n_classes), scales).ravel()
+        out[:n_weights] = preconditioner.apply(vector[:n_weights].reshape(-1, n_classes), scales).ravel()
         return out
 
     return apply
@@ -377,7 +396,7 @@ class _Watch:
     the calls that continue one fit) and stops the fit when its ``rule`` holds: the probe no longer changes at
     the precision asked."""
 
-    def __init__(self, loss: SoftmaxLoss, features: np.ndarray, labels: np.ndarray):
+    def __init__(self, loss: LossEvaluator, features: np.ndarray, labels: np.ndarray):
         self.loss, self.features, self.labels = loss, features, labels
         self.rule: _Rule | None = None
         self.objectives: list[float] = []

@@ -6,11 +6,13 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from .errors import CacheError, DataError, ReductionError
+from .errors import CacheError, DataError, ProbeError, ReductionError
 from .feature_cache import STORAGE_DTYPES, FeatureCache
 from .layers import parse_layer_spec
 from .probe import FitOptions
 from .reduction import ReductionPolicy
+
+FIT_DEVICES = ("auto", "cpu", "cuda")
 
 
 @dataclass(frozen=True)
@@ -43,6 +45,9 @@ class RunSpec:
     layers per forward pass (more passes, less memory). ``control_task`` also fits each layer a probe on
     control labels at the strength its real probe chose, and reports selectivity. ``data`` and ``device``
     say how to load the data and open the model where they are not given ready (the CLI, other processes).
+    ``fit_device`` says where the probes' losses are evaluated: "cpu" (numpy and numba on the host), "cuda"
+    (the source's GPU fitter: ``OnnxSource.loss_evaluator``; an error where there is none) or "auto" (CUDA
+    when the model runs there and a GPU fitter works, else the CPU, quietly).
     """
 
     data: DataSpec | None = None
@@ -57,6 +62,7 @@ class RunSpec:
     cache_dir: str | None = None
     cache_dtype: str = "float32"
     device: str = "auto"
+    fit_device: str = "auto"
     seed: int = 0
 
     def __post_init__(self):
@@ -70,6 +76,8 @@ class RunSpec:
             raise ReductionError(f"layers_per_pass must be at least 1, got {self.layers_per_pass}")
         if self.cache_dtype not in STORAGE_DTYPES:
             raise CacheError(f"cache storage dtype must be one of {', '.join(STORAGE_DTYPES)}, got {self.cache_dtype!r}")
+        if self.fit_device not in FIT_DEVICES:
+            raise ProbeError(f"fit device must be one of {', '.join(FIT_DEVICES)}, got {self.fit_device!r}")
         if self.seed < 0:
             raise DataError(f"seed must be zero or positive, got {self.seed}")
         if self.policy.seed not in (0, self.seed):

@@ -6,8 +6,10 @@ solver in ``probe.py`` only sees a callable. Compute is float32 (numpy's BLAS), 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import numpy as np
 
@@ -25,6 +27,23 @@ def mean_cross_entropy(logits: np.ndarray, labels: np.ndarray) -> float:
 
 
 KERNELS = ("auto", "fused", "blas")
+
+
+class LossEvaluator(Protocol):
+    """What a probe's fit needs of its loss (``SoftmaxLoss`` here, on the host; a backend may evaluate the same
+    objective on a device: ``probecore.backends.onnx_fit``). Parameters are flat float64 ``[W.ravel(), b]``;
+    ``l2`` is set between the fits of a path. ``held_out_loss`` is asked for one fit's validation split at
+    every iteration (the same arrays each time), without the L2 term."""
+
+    l2: float
+
+    def value_and_grad(self, params: np.ndarray) -> tuple[float, np.ndarray]: ...
+
+    def held_out_loss(self, params: np.ndarray, features: np.ndarray, labels: np.ndarray) -> float: ...
+
+
+# (standardized (N, d) float32 features, (N,) int64 labels, n_classes, l2) -> the evaluator of one fit
+EvaluatorFactory = Callable[[np.ndarray, np.ndarray, int, float], LossEvaluator]
 
 
 @dataclass

@@ -12,6 +12,7 @@ import probecore
 from probecore.backends.onnx_source import OnnxSource
 from probecore.cli.app import app
 from probecore.cli.run import image_preprocessing
+from probecore.images import ImageFolder, ImagePreprocessing
 
 
 def image_folder(root, rng, per_class=20, size=12):
@@ -49,3 +50,17 @@ def test_preprocessing_follows_the_model_input(tmp_path, rng):
     assert (preprocessing.size, preprocessing.channels_last, preprocessing.grayscale) == (8, False, False)
     with pytest.raises(probecore.DataError, match="--image-size 32 does not fit"):
         image_preprocessing(source, probecore.DataSpec(tmp_path, image_size=32))
+
+
+def test_a_folder_read_a_batch_ahead_gives_the_features_of_its_images_in_memory(tmp_path, rng):
+    model = save_convnet(tmp_path / "c.onnx", rng, channels=4, size=8)
+    folder = ImageFolder(image_folder(tmp_path / "images", rng), ImagePreprocessing(size=8))
+    source = OnnxSource(model, device="cpu")
+    from_disk = list(source.activations(folder, ["relu", "pool"], 6))  # 7 batches, each loaded ahead
+    in_memory = list(OnnxSource(model, device="cpu").activations(folder[:], ["relu", "pool"], 6))
+    assert len(from_disk) == len(in_memory) == 7
+    for on_disk, held in zip(from_disk, in_memory):
+        for name in ("relu", "pool"):
+            np.testing.assert_array_equal(on_disk[name], held[name])
+    seconds = source.describe()["seconds"]
+    assert seconds["running"] > 0 and seconds["waiting_for_inputs"] >= 0

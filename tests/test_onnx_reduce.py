@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 from onnx import TensorProto, helper
-from onnx_models import save_convnet, save_model
+from onnx_models import save_convnet, save_model, save_open_convnet
 
 import probecore
 from probecore.backends.onnx_source import OnnxSource
@@ -84,3 +84,47 @@ def test_in_graph_reduction_fetches_a_fraction_of_the_activations(rng):
         probecore.extract_features(source, small, probecore.select_layers(source.layers(), ["relu1", "relu2"]))
         fetched[in_graph] = source.bytes_fetched
     assert fetched[True] * 3 < fetched[False]
+
+
+def _extracted(model, dataset, spec, **options):
+    source = OnnxSource(model, device="cpu", **options)
+    chosen = probecore.select_layers(source.layers(), None)
+    return source, probecore.extract_features(source, dataset, chosen, spec)
+
+
+@pytest.mark.parametrize("model_kind", ["branchy", "torch-exported"])
+def test_one_concatenated_output_and_io_binding_give_the_same_features(tmp_path, rng, model_kind):
+    # the default (every reduced layer in one output, split on the host) against one output per layer, with and
+    # without I/O binding: the same bits, with layers reduced in the graph, whole layers and the model's scores
+    if model_kind == "branchy":  # a residual add, a swish written as x * sigmoid(x), max pooling
+        model, x = save_convnet(tmp_path / "c.onnx", rng, channels=6, size=10), rng.normal(size=(90, 3, 10, 10))
+    else:  # weights in model.onnx.data and open sizes, as torch's exporter writes them
+        model, x = save_open_convnet(tmp_path / "model.onnx", rng, external_data=True), rng.normal(size=(90, 3, 12, 12))
+    dataset = probecore.split_dataset(x.astype(np.float32), np.arange(90) % 3, seed=1)
+    spec = probecore.RunSpec(policy=probecore.ReductionPolicy(max_features=100), batch_size=16)
+    _, separate = _extracted(model, dataset, spec, concat_reduced=False)
+    source, joined = _extracted(model, dataset, spec)
+    assert source.concat_reduced and joined.reduced_by_source is separate.reduced_by_source
+    assert "model" in joined.reduced_in.values() and "host" not in joined.reduced_in.values()
+    for options in ({"io_binding": True}, {"io_binding": True, "concat_reduced": False}):
+        bound = _extracted(model, dataset, spec, **options)[1]
+        for layer, by_split in separate.by_layer.items():
+            for split, values in by_split.items():
+                np.testing.assert_array_equal(joined.by_layer[layer][split], values)
+                np.testing.assert_array_equal(bound.by_layer[layer][split], values)
+        np.testing.assert_array_equal(bound.model_test_scores, separate.model_test_scores)
+    np.testing.assert_array_equal(joined.model_test_scores, separate.model_test_scores)
+
+
+def test_the_reduced_layers_leave_the_graph_as_one_output(tmp_path, rng):
+    model = save_convnet(tmp_path / "c.onnx", rng, channels=6, size=10)
+    source = OnnxSource(model, device="cpu")
+    shapes = {layer.name: layer.shape for layer in source.layers()}
+    policy = probecore.ReductionPolicy(max_features=60)
+    reductions = {name: probecore.plan_reduction(name, shapes[name], policy) for name in ("relu", "swish", "pool")}
+    batches = list(source.reduced_activations(rng.normal(size=(5, 3, 10, 10)).astype(np.float32), reductions, 8))
+    outputs = [output.name for output in source._session.get_outputs()]
+    assert outputs == ["::probe_features"]
+    widths = [reduction.n_features_out for reduction in reductions.values()]
+    assert source._session.get_outputs()[0].shape[1] == sum(widths)
+    assert [batches[0][name].shape for name in reductions] == [(5, width) for width in widths]
