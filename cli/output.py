@@ -17,8 +17,9 @@ from probecore.labels import shorten_middle
 from probecore.report import MODEL_ERROR_NOTE, ProbeReport
 
 DEBUG_VARIABLE = "PROBECORE_DEBUG"
-# Piped output is read by people too (logs, CI): give tables room instead of rich's 80-column default.
-console = Console() if sys.stdout.isatty() else Console(width=160)
+# Piped output is read by people too (logs, CI): give tables room instead of rich's 80-column default, unless
+# COLUMNS says how wide the reader is.
+console = Console() if sys.stdout.isatty() or os.environ.get("COLUMNS") else Console(width=160)
 error_console = Console(stderr=True, highlight=False, soft_wrap=True)
 
 

@@ -2,6 +2,9 @@
 terminal's width (80 columns), with the full names in report.json."""
 
 import json
+import os
+import subprocess
+import sys
 
 import numpy as np
 from onnx_models import save_long_named_chain
@@ -68,3 +71,19 @@ def test_narrow_tables_drop_columns_and_wide_ones_keep_them_all():
     assert header[0] == "layer" and {"l2", "error % tr/va/te", "test err 95% CI", "selectivity"} <= set(header)
     assert "loss tr/va/te" not in header and "reduction" not in header
     assert_shortened_in_the_middle(report.layers[1].name, lines[5].split("│")[1].strip())
+
+
+def test_piped_output_takes_the_width_columns_gives(tmp_path, rng):
+    # piped output gets 160 columns (logs), unless COLUMNS says how wide the reader is
+    model = save_long_named_chain(tmp_path / "model.onnx", rng, n_blocks=2)
+    x = rng.normal(size=(300, 12)).astype(np.float32)
+    np.savez(tmp_path / "data.npz", x=x, y=(x[:, 0] > 0).astype(int))
+    command = [sys.executable, "-m", "probecore.cli", "run", model, "--data", tmp_path / "data.npz", "--no-cache"]
+    widths = {}
+    for columns in ("80", None):
+        env = {key: value for key, value in os.environ.items() if key != "COLUMNS"} | ({"COLUMNS": columns} if columns else {})
+        out = tmp_path / f"out{columns}"
+        result = subprocess.run([*map(str, command), "--out", str(out)], capture_output=True, text=True, env=env, cwd=tmp_path)
+        assert result.returncode == 0, result.stderr
+        widths[columns] = max(len(line) for line in result.stdout.splitlines() if line.startswith(("┃", "│")))
+    assert widths["80"] <= 80 < widths[None]
