@@ -71,13 +71,21 @@ def diagnose(
     return findings + _overfit(names, metrics, options)
 
 
+def layer_roles(roles: Sequence[str | None]) -> list[str]:
+    """Each layer's role as the diagnosis reads it (and the figures and the page draw it): ``main`` for every
+    layer when none is known (activations given as arrays: a chain), an unknown one among known ones a branch."""
+    if all(role is None for role in roles):
+        return ["main"] * len(roles)
+    return [role or "branch" for role in roles]
+
+
 def _roles_and_parents(names, graph) -> tuple[list[str], list[list[int]]]:
     """Each layer's role and its parents' positions; a chain where the graph is unknown."""
     if graph is None or all(role is None for role, _ in graph):
-        return ["main"] * len(names), [[i - 1] if i else [] for i in range(len(names))]
+        return layer_roles([None] * len(names)), [[i - 1] if i else [] for i in range(len(names))]
     position = {name: i for i, name in enumerate(names)}
     parents = [[position[parent] for parent in layer_parents if parent in position] for _, layer_parents in graph]
-    return [role or "branch" for role, _ in graph], parents
+    return layer_roles([role for role, _ in graph]), parents
 
 
 def _overfit(names, metrics, options: DiagnosticOptions) -> list[Finding]:

@@ -13,7 +13,7 @@ import numpy as np
 
 from .errors import ProbeError
 from .precondition import SpectralPreconditioner
-from .softmax import KERNELS, EvaluatorFactory, LossEvaluator, SoftmaxLoss, SplitMetrics, log_softmax, split_metrics
+from .softmax import KERNELS, EvaluatorFactory, LossEvaluator, SoftmaxLoss, SplitMetrics, log_softmax, split_metrics, unpack
 
 DEFAULT_L2 = (1e-1, 1e-2, 1e-3, 1e-4, 1e-5)
 
@@ -226,8 +226,7 @@ def _fit(
     n_features = standardized.shape[1]
     start = np.zeros(n_features * n_classes + n_classes)
     best = fits.first(path[0], start) if len(path) == 1 else fits.search(path, start)
-    weights = best.params[: n_features * n_classes].reshape(n_features, n_classes).astype(np.float32)
-    bias = best.params[n_features * n_classes :].astype(np.float32)
+    weights, bias = unpack(best.params, n_features, n_classes)
     points = [fit.point for fit in fits.tried]
     n_iter = sum(point.n_iter for point in points)
     chosen, seconds = best.point, time.perf_counter() - started
@@ -350,6 +349,7 @@ class _Path:
     def _run(self, fit: _Fit, rule: _Rule | None) -> _Fit:
         """Continue ``fit`` until ``rule`` (or the settled rule, or L-BFGS's own tests) stops it."""
         from .lbfgs import minimize  # numba: compiled code, loaded at the first fit, not by ``import probecore``
+
         options, loss = self.options, self.loss
         loss.l2 = fit.point.l2
         if fit.watch is not None:

@@ -11,6 +11,7 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from . import diagnostics
 from .diagnostics import Finding, activation_findings, diagnose
 from .errors import OutputError
 from .softmax import SplitMetrics
@@ -153,11 +154,8 @@ class ProbeReport:
 
 
 def layer_roles(layers: list[LayerResult]) -> list[str]:
-    """Each layer's role for the figures and the page, as ``diagnose`` reads them: ``main`` for every layer
-    when none is known (activations given as arrays: a chain), an unknown one among known ones a branch."""
-    if all(layer.role is None for layer in layers):
-        return ["main"] * len(layers)
-    return [layer.role or "branch" for layer in layers]
+    """Each layer's role for the figures and the page, as ``diagnose`` reads them (``diagnostics.layer_roles``)."""
+    return diagnostics.layer_roles([layer.role for layer in layers])
 
 
 def write_results(out_dir: str | Path, files: dict[str, str | bytes]) -> Path:

@@ -29,6 +29,12 @@ def mean_cross_entropy(logits: np.ndarray, labels: np.ndarray) -> float:
 KERNELS = ("auto", "fused", "blas")
 
 
+def unpack(params: np.ndarray, n_features: int, n_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """Flat float64 parameters ``[W.ravel(), b]`` as float32 weights (d, C) and bias (C,)."""
+    weights = params[: n_features * n_classes].reshape(n_features, n_classes)
+    return weights.astype(np.float32), params[n_features * n_classes :].astype(np.float32)
+
+
 class LossEvaluator(Protocol):
     """What a probe's fit needs of its loss (``SoftmaxLoss`` here, on the host; a backend may evaluate the same
     objective on a device: ``probecore.backends.onnx_fit``). Parameters are flat float64 ``[W.ravel(), b]``;
@@ -102,9 +108,7 @@ class SoftmaxLoss:
             self._chunks = row_chunks(*self.features.shape, self.n_classes, unit)
 
     def unpack(self, params: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        n_features = self.features.shape[1]
-        weights = params[: n_features * self.n_classes].reshape(n_features, self.n_classes)
-        return weights.astype(np.float32), params[n_features * self.n_classes :].astype(np.float32)
+        return unpack(params, self.features.shape[1], self.n_classes)
 
     def value_and_grad(self, params: np.ndarray) -> tuple[float, np.ndarray]:
         params = np.ascontiguousarray(params, dtype=np.float64)  # scipy's already is: no copy
