@@ -203,3 +203,35 @@ def test_many_layers_branches_and_findings_in_the_browser(browser, tmp_path, rng
             hover(browser, chain[[layer.name for layer in report.layers].index(dead)])
             assert expected["diagnostics"][0]["message"] in details(browser)["findings"]
         assert browser.save_screenshot(str(tmp_path / f"{name}.png"))
+
+
+@pytest.mark.parametrize("kind", ["branchy", "torch-exported"])
+def test_a_report_of_a_model_built_as_users_bring_them_in_the_browser(browser, tmp_path, rng, kind):
+    """`probe run` on a branchy convnet (a residual add, a swish written as x * sigmoid(x)) and on one written
+    as torch's exporter writes it (weights in model.onnx.data, input [N, 3, H, W]): its report.html has one box
+    per probed layer, each with report.json's numbers and the role the graph gives it."""
+    from onnx_models import save_convnet, save_open_convnet
+    from selenium.webdriver.common.by import By
+
+    if kind == "branchy":
+        model, x = save_convnet(tmp_path / "model.onnx", rng, channels=6, size=10), rng.normal(size=(300, 3, 10, 10))
+    else:
+        model, x = save_open_convnet(tmp_path / "model.onnx", rng, external_data=True), rng.normal(size=(300, 3, 20, 20))
+        assert (tmp_path / "model.onnx.data").exists()
+    x = x.astype(np.float32)
+    np.savez(tmp_path / "data.npz", x=x, y=(x[:, 0].mean(axis=(1, 2)) > 0).astype(int) + (x[:, 1, 0, 0] > 0))
+    layers = ["--layers", "relu,conv2,block,gate,swish,pool,logits"] if kind == "branchy" else []
+    result = invoke("run", model, "--data", tmp_path / "data.npz", "--out", tmp_path / "out", "--no-cache", "--quiet", *layers)
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    errors, fetched = open_page(browser, tmp_path / "out" / "report.html")
+    assert errors == [] and fetched == []
+    chain = browser.find_elements(By.CSS_SELECTOR, "svg.chain g[data-layer]")
+    assert [box.get_attribute("data-layer") for box in chain] == [layer["name"] for layer in report["layers"]]
+    for box, layer in zip(chain, report["layers"]):
+        hover(browser, box)
+        assert_details_match(details(browser), layer, report)
+    if kind == "branchy":  # the graph's branches reach the page: some layer is off the main path
+        data = json.loads(browser.find_element(By.ID, DATA_ID).get_attribute("textContent"))
+        assert {layer["role"] for layer in data["reports"][0]["layers"]} == {"main", "branch", "side"}
+    assert browser.save_screenshot(str(tmp_path / f"{kind}.png"))
