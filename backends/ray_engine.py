@@ -26,7 +26,7 @@ from probecore.errors import ExtraNotInstalledError, ProbeError
 from probecore.extraction import (
     ExtractionPlan, add_task_result, empty_features, reduced_batches, rows_from, through_cache,
 )  # fmt: skip
-from probecore.probe import fit_probe
+from probecore.probe import fit_probe, largest_first
 
 
 def _ray():
@@ -127,10 +127,10 @@ class RayEngine:
         labels = ray.put(train_labels), ray.put(valid_labels)
         pending = {
             remote.options(name=f"fit {name}").remote(
-                ray.put(np.asarray(features)), labels[0], n_classes,
+                ray.put(np.asarray(train[name])), labels[0], n_classes,
                 None if valid is None else ray.put(np.asarray(valid[name])), labels[1], options,
             ): name
-            for name, features in train.items()
+            for name in largest_first(train)  # Ray starts them about in this order
         }  # fmt: skip
         probes = {}
         while pending:

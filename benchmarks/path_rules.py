@@ -47,7 +47,7 @@ def trajectories(splits: dict, labels: dict, n_classes: int, max_iter: int) -> l
             rows.append((objective, loss.held_out_loss(x, valid, y_valid), float(errors.mean())))
             return False
 
-        guess = None if preconditioner is None else fitter._initial_inverse_hessian(loss, preconditioner)
+        guess = None if preconditioner is None else fitter._InitialInverseHessian(l2, n_classes, preconditioner)
         params = minimize(loss.value_and_grad, params, precondition=guess, max_iter=max_iter, gtol=1e-9, ftol=0.0,
                           callback=record).x  # fmt: skip
         out.append((l2, np.array(rows)))

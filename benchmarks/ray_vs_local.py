@@ -83,7 +83,8 @@ def main() -> None:
     reference = timed(dataset, None)[1]
     for ours, theirs in zip(report.layers, reference.layers):
         assert ours.l2 == theirs.l2 and ours.metrics["test"].error == theirs.metrics["test"].error, ours.name
-    print(f"local {local:.1f} s, ray {seconds:.1f} s ({report.settings['engine']}), ray / local {seconds / local:.2f}")
+    engine = {key: report.settings["engine"][key] for key in ("nodes", "cpus", "fit_cpus")}
+    print(f"local {local:.1f} s, ray {seconds:.1f} s ({engine}), ray / local throughput {local / seconds:.2f}")
 
 
 if __name__ == "__main__":

@@ -350,7 +350,8 @@ def test_iteration_against_limits(n, d, c, paired, record, monkeypatch, benchmar
     rounds = measured.figures()["rounds"]
     long_probe, short_probe = measured.candidate_result, measured.baseline_result
     iterations = long_probe.n_iter - short_probe.n_iter
-    assert short_probe.n_iter == short_fit and iterations >= (long_fit - short_fit) // 2, (long_probe.path, short_probe.path)
+    enough = min(8, long_fit - short_fit)  # iterations between the two fits: a binary fit reaches float32's resolution in ~20
+    assert short_probe.n_iter == short_fit and iterations >= enough, (long_probe.path, short_probe.path)
     seconds = (measured.candidate_min - measured.baseline_min) / iterations
     flops = 4 * n * d * c
     limit, _, percent = _limit(flops, seconds, c, limits["sgemm_gflops"], limits["read_gbytes_per_s"])

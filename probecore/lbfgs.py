@@ -32,8 +32,8 @@ class Result:
     n_iter: int
     n_eval: int
     # "converged" (gradient or relative decrease under the tolerances), "stopped" (``callback`` said so),
-    # "max_iter", "line_search_failed" (no step lowered the loss: float32 noise under a tight tolerance) or
-    # "abnormal: <why>"
+    # "max_iter", "at_resolution" (no step can lower the loss by more than its resolution: as converged as it
+    # can be), "line_search_failed" (no step lowered the loss) or "abnormal: <why>"
     stop_reason: str
 
 
@@ -47,13 +47,20 @@ def minimize(
     gtol: float = 1e-7,
     ftol: float = 1e-7,
     callback: Callable[[np.ndarray, float], bool] | None = None,
+    resolution: float = 0.0,
 ) -> Result:
     """Minimize from ``start`` (float64). ``precondition(v)`` returns ``M v`` for a symmetric positive definite
     ``M`` close to the inverse Hessian's shape (a new array). Stops when the largest gradient entry is at most
     ``gtol``, when one iteration lowers the objective by at most ``ftol * max(|f|, 1)`` (scipy's test), when
-    ``callback(x, f)`` returns True after an iteration, or after ``max_iter`` iterations."""
+    ``callback(x, f)`` returns True after an iteration, or after ``max_iter`` iterations. A ``precondition`` with
+    a ``quadratic(v)`` method giving ``v'M v`` saves one product an iteration (the scaling ``gamma``).
+
+    ``resolution``: the loss's relative precision (about 1e-7 for a float32 loss). A step whose predicted
+    decrease is below that share of ``|f|`` cannot show one, nor can a shorter step, so the line search gives
+    up there (``at_resolution``) rather than after ``MAX_BACKTRACKS`` tries."""
     x = np.array(start, dtype=np.float64)
     apply = precondition or (lambda v: v.copy())
+    quadratic = getattr(precondition, "quadratic", None) or (lambda v: float(v @ apply(v)))
     f, g = value_and_grad(x)
     n_eval = 1
     if not np.isfinite(f):
@@ -79,10 +86,11 @@ def minimize(
             stored, gamma = 0, None
             direction = -apply(g)
             slope = float(direction @ g)
-        step, f_new, g_new, tries = _backtrack(value_and_grad, x, f, slope, direction)
+        step, f_new, g_new, tries = _backtrack(value_and_grad, x, f, slope, direction, resolution)
         n_eval += tries
         if g_new is None:
-            return Result(x, f, iteration - 1, n_eval, "line_search_failed")
+            reason = "at_resolution" if -step * slope <= resolution * abs(f) else "line_search_failed"
+            return Result(x, f, iteration - 1, n_eval, reason)
         x_new = x + step * direction
         s, y = x_new - x, g_new - g
         curvature = float(s @ y)
@@ -90,7 +98,7 @@ def minimize(
             newest = (newest + 1) % memory
             steps[newest], changes[newest], rho[newest] = s, y, 1.0 / curvature
             stored = min(stored + 1, memory)
-            gamma = curvature / float(y @ apply(y))
+            gamma = curvature / quadratic(y)
         decrease = f - f_new
         x, f, g = x_new, f_new, g_new
         if callback is not None and callback(x, f):
@@ -100,20 +108,23 @@ def minimize(
     return Result(x, f, max_iter, n_eval, "max_iter")
 
 
-def _backtrack(value_and_grad, x, f, slope, direction):
+def _backtrack(value_and_grad, x, f, slope, direction, resolution):
     """The unit step, shortened until the Armijo condition holds and the loss is lower (a step that changes
-    nothing in float arithmetic is no progress): (step, f, g, evaluations), g None on failure."""
+    nothing in float arithmetic is no progress), or until it is too short to tell (``resolution``): (step, f,
+    g, evaluations), g None on failure."""
     step = 1.0
     for tries in range(1, MAX_BACKTRACKS + 1):
         f_new, g_new = value_and_grad(x + step * direction)
         if f_new < f and f_new <= f + ARMIJO * step * slope:
             return step, f_new, g_new, tries
+        if -slope * step <= resolution * abs(f):  # too short to show a decrease: so are all shorter ones
+            break
         if np.isfinite(f_new):  # the minimum of the quadratic through f, slope and f_new, kept in [0.1, 0.5] x step
             curve = f_new - f - slope * step
             step = min(max(-slope * step * step / (2 * curve), 0.1 * step), 0.5 * step) if curve > 0 else 0.5 * step
         else:
             step *= 0.1
-    return step, f, None, MAX_BACKTRACKS
+    return step, f, None, tries
 
 
 @numba.njit(cache=True, nogil=True, fastmath=True)

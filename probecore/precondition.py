@@ -74,3 +74,8 @@ class SpectralPreconditioner:
         in float32, as precise as the loss it feeds."""
         shrink = (scales - 1).astype(np.float32)[:, None]
         return matrix + self.vectors @ (shrink * (self.vectors.T @ matrix.astype(np.float32)))
+
+    def excess(self, matrix: np.ndarray, scales: np.ndarray) -> float:
+        """``sum(matrix * (M @ matrix)) - sum(matrix ** 2)``: what ``M`` adds to the squared norm, from one product."""
+        projected = (self.vectors.T @ matrix.astype(np.float32)).astype(np.float64)
+        return float(((scales - 1)[:, None] * projected * projected).sum())

@@ -39,9 +39,10 @@ class FitOptions:
     0.3 points of the fully converged optimum at that strength: tested on fresh random problems). A fit
     cut short can look worse than it ends up, so no strength is judged on a fit that has not stopped by
     one of these rules. Without a validation split a fit runs until L-BFGS (``lbfgs.minimize``) converges
-    (``tol``) or reaches ``max_iter``. Each ``PathPoint.stop_reason`` says which: ``looked``, ``settled``,
-    ``converged``, ``max_iter``, or ``line_search_failed`` when no step lowered the loss (usually a ``tol``
-    below what the float32 loss can resolve). With ``precondition`` L-BFGS starts from
+    (``tol``) or reaches ``max_iter``. A fit that no step can improve by more than the float32 loss resolves
+    ends there, as settled (with a validation split) or converged (without). Each ``PathPoint.stop_reason``
+    says how a fit ended: ``looked``, ``settled``, ``converged``, ``max_iter``, or ``line_search_failed`` when
+    no step lowered the loss. With ``precondition`` L-BFGS starts from
     ``precondition.SpectralPreconditioner`` as its guess of the inverse Hessian: the same objective and
     optimum, reached in fewer iterations. Features are standardized with the training split's mean and
     spread unless ``standardize`` is False.
@@ -163,7 +164,6 @@ def fit_probes(
     ``evaluator``: as in ``fit_probe``; the fits then run their L-BFGS on these threads and their evaluations
     wherever the evaluator does."""
     threads = options.threads or available_cores()
-    largest_first = sorted(train, key=lambda name: -np.shape(train[name])[1])  # about the same N and C
     with (
         blas_limits(options.blas_threads),
         ThreadPoolExecutor(threads) as pool,
@@ -174,7 +174,7 @@ def fit_probes(
                 _fit, train[name], train_labels, n_classes, None if valid is None else valid[name], valid_labels,
                 options, pool, evaluator,
             ): name
-            for name in largest_first
+            for name in largest_first(train)
         }  # fmt: skip
         probes = {}
         for future in as_completed(futures):
@@ -183,6 +183,12 @@ def fit_probes(
             if done is not None:
                 done(name, probes[name])
     return {name: probes[name] for name in train}
+
+
+def largest_first(train: Mapping[str, np.ndarray]) -> list[str]:
+    """The layers widest first (they share N and C), so the longest fits start first and the short ones fill in
+    at the end."""
+    return sorted(train, key=lambda name: -np.shape(train[name])[1])
 
 
 def available_cores() -> int:
@@ -286,6 +292,7 @@ LOOK = _Rule(window=3, valid=5e-3, objective=3e-4)
 LOOK_UNCERTAINTY = 0.05
 SETTLED_VALID = 1e-3  # the settled rule's window is ``FitOptions.patience``
 SETTLED_OBJECTIVE = 1e-5
+LOSS_RESOLUTION = 1e-7  # relative: every evaluator computes the loss in float32 (its sums in float64)
 
 
 @dataclass
@@ -356,7 +363,7 @@ class _Path:
             fit.watch.rule = rule or _Rule(options.patience, SETTLED_VALID, SETTLED_OBJECTIVE)
         precondition = None
         if self.preconditioner is not None:
-            precondition = _initial_inverse_hessian(loss.l2, self.n_classes, self.preconditioner)
+            precondition = _InitialInverseHessian(loss.l2, self.n_classes, self.preconditioner)
         result = minimize(
             loss.value_and_grad,
             fit.params,
@@ -367,28 +374,36 @@ class _Path:
             # in one iteration also fires on a slow stretch far from the optimum (1.2 % off in validation loss)
             ftol=options.tol if fit.watch is None else 0.0,
             callback=fit.watch,
+            resolution=LOSS_RESOLUTION,
         )
-        if result.stop_reason != "stopped":
-            reason = result.stop_reason
-        else:
+        reason = result.stop_reason
+        if reason == "stopped":
             reason = "looked" if rule is not None else "settled"
+        elif reason == "at_resolution":  # the probe cannot change any more at the loss's precision
+            reason = "converged" if fit.watch is None else "settled"
         valid_loss = None if self.valid is None else loss.held_out_loss(result.x, *self.valid)
         fit.params = result.x
         fit.point = PathPoint(fit.point.l2, valid_loss, fit.point.n_iter + result.n_iter, reason)
         return fit
 
 
-def _initial_inverse_hessian(l2: float, n_classes: int, preconditioner: SpectralPreconditioner):
-    """``v -> M v``, ``M`` the preconditioner at ``l2`` on the weights and the identity on the bias."""
-    scales = preconditioner.scales(l2)
-    n_weights = len(preconditioner.vectors) * n_classes
+class _InitialInverseHessian:
+    """``v -> M v``, ``M`` the preconditioner at ``l2`` on the weights and the identity on the bias; ``quadratic``
+    gives ``v'M v`` for L-BFGS's scaling with one of the two products."""
 
-    def apply(vector: np.ndarray) -> np.ndarray:
+    def __init__(self, l2: float, n_classes: int, preconditioner: SpectralPreconditioner):
+        self.preconditioner, self.scales = preconditioner, preconditioner.scales(l2)
+        self.n_weights, self.n_classes = len(preconditioner.vectors) * n_classes, n_classes
+
+    def __call__(self, vector: np.ndarray) -> np.ndarray:
         out = vector.copy()
-        out[:n_weights] = preconditioner.apply(vector[:n_weights].reshape(-1, n_classes), scales).ravel()
+        weights = vector[: self.n_weights].reshape(-1, self.n_classes)
+        out[: self.n_weights] = self.preconditioner.apply(weights, self.scales).ravel()
         return out
 
-    return apply
+    def quadratic(self, vector: np.ndarray) -> float:
+        weights = vector[: self.n_weights].reshape(-1, self.n_classes)
+        return float(vector @ vector) + self.preconditioner.excess(weights, self.scales)
 
 
 class _Watch:

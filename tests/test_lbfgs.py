@@ -102,3 +102,42 @@ def test_steps_into_non_finite_losses_are_shortened():
     result = minimize(value_and_grad, np.array([-5.0]), gtol=1e-9, ftol=0.0)
     exact = (3.9 - np.sqrt(0.01 + 2)) / 2  # the root of 2 (x - 1.9) + 1 / (2 - x) below 2
     assert result.stop_reason == "converged" and result.x[0] == pytest.approx(exact, abs=1e-8)
+
+
+def test_the_spectral_guess_and_its_quadratic_match_the_dense_matrix():
+    """``M v`` and ``v'M v`` as L-BFGS takes them from the probe's preconditioner, against M built densely in float64."""
+    from probecore.precondition import SpectralPreconditioner
+    from probecore.probe import _InitialInverseHessian
+
+    rng = np.random.default_rng(7)
+    n, d, c, l2 = 2000, 300, 6, 1e-3
+    features = (rng.standard_normal((n, 8)) @ rng.standard_normal((8, d)) + rng.standard_normal((n, d))).astype(np.float32)
+    preconditioner = SpectralPreconditioner.of(features)
+    guess = _InitialInverseHessian(l2, c, preconditioner)
+    vectors = preconditioner.vectors.astype(np.float64)
+    dense = np.eye(d) + (vectors * (preconditioner.scales(l2) - 1)) @ vectors.T
+    vector = rng.standard_normal(d * c + c)
+    weights = vector[: d * c].reshape(d, c)
+    expected = np.concatenate([(dense @ weights).ravel(), vector[d * c :]])
+    np.testing.assert_allclose(guess(vector), expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())
+    assert guess.quadratic(vector) == pytest.approx(vector @ expected, rel=1e-5)
+    assert guess.quadratic(vector) < vector @ vector  # M shrinks the top directions: a real change, not the identity
+
+
+
+def test_a_line_search_below_the_loss_resolution_gives_up_at_once():
+    """A float32 loss near its optimum: once no step can show a decrease the loss resolves, the search stops
+    trying (a handful of evaluations, not twenty)."""
+    value_and_grad, matrix, target = _quadratic(np.random.default_rng(44), 30, condition=10)
+    optimum = np.linalg.solve(matrix, target)
+
+    def float32_loss(x):
+        value, grad = value_and_grad(x)
+        return float(np.float32(value)), grad
+
+    start = optimum + 1e-3
+    patient = minimize(float32_loss, start, gtol=0.0, ftol=0.0)  # without a resolution: twenty tries at the end
+    quick = minimize(float32_loss, start, gtol=0.0, ftol=0.0, resolution=1e-7)
+    assert (patient.stop_reason, quick.stop_reason) == ("line_search_failed", "at_resolution")
+    assert quick.n_eval <= quick.n_iter + 6 < patient.n_eval - 10, (quick.n_eval, quick.n_iter, patient.n_eval)
+    np.testing.assert_allclose(quick.x, optimum, atol=1e-2)

@@ -244,3 +244,59 @@ def test_a_model_with_external_weights_and_open_sizes_probes_on_ray_as_locally(c
     local = probecore.run_probes(OnnxSource(model, device="cpu"), dataset, spec)
     on_ray = probecore.run_probes(OnnxSource(model, device="cpu"), dataset, spec, engine=RayEngine(cluster.address))
     assert_same_report(on_ray.to_dict(), local.to_dict())
+
+
+def save_nhwc_inception_with_two_inputs(path, rng):
+    """As tf2onnx writes a Keras model: an NHWC ``image`` transposed to NCHW inside the graph, then an Inception
+    module (1x1, 1x1 -> 3x3 and max-pool -> 1x1 branches, concatenated), and a second input ``extra`` (N, 3)
+    joined to the pooled features before the classifier."""
+    from onnx import TensorProto, helper, numpy_helper
+    from onnx_models import save_model
+
+    def conv(name, out, inp, kernel=1):
+        return numpy_helper.from_array(rng.normal(size=(out, inp, kernel, kernel)).astype(np.float32), name)
+
+    initializers = [conv("b1_w", 3, 4), conv("b2a_w", 2, 4), conv("b2b_w", 3, 2, 3), conv("b3_w", 3, 4),
+                    numpy_helper.from_array(rng.normal(size=(12, 4)).astype(np.float32), "fc_w")]  # fmt: skip
+    nodes = [
+        helper.make_node("Transpose", ["image"], ["nchw"], perm=[0, 3, 1, 2], name="to_nchw"),
+        helper.make_node("Conv", ["nchw", "b1_w"], ["b1"], name="branch1/conv"),
+        helper.make_node("Relu", ["b1"], ["b1_relu"], name="branch1/relu"),
+        helper.make_node("Conv", ["nchw", "b2a_w"], ["b2a"], name="branch2/reduce"),
+        helper.make_node("Relu", ["b2a"], ["b2a_relu"], name="branch2/reduce_relu"),
+        helper.make_node("Conv", ["b2a_relu", "b2b_w"], ["b2b"], pads=[1, 1, 1, 1], name="branch2/conv"),
+        helper.make_node("Relu", ["b2b"], ["b2b_relu"], name="branch2/relu"),
+        helper.make_node("MaxPool", ["nchw"], ["b3_pool"], kernel_shape=[3, 3], pads=[1, 1, 1, 1], name="branch3/pool"),
+        helper.make_node("Conv", ["b3_pool", "b3_w"], ["b3"], name="branch3/conv"),
+        helper.make_node("Relu", ["b3"], ["b3_relu"], name="branch3/relu"),
+        helper.make_node("Concat", ["b1_relu", "b2b_relu", "b3_relu"], ["module"], axis=1, name="mixed"),
+        helper.make_node("GlobalAveragePool", ["module"], ["pooled"], name="pool"),
+        helper.make_node("Flatten", ["pooled"], ["flat"], name="flat"),
+        helper.make_node("Concat", ["flat", "extra"], ["joined"], axis=1, name="join"),
+        helper.make_node("Gemm", ["joined", "fc_w"], ["logits"], name="logits"),
+    ]
+    inputs = [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["N", 8, 8, 4]),
+              helper.make_tensor_value_info("extra", TensorProto.FLOAT, ["N", 3])]  # fmt: skip
+    outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 4])]
+    return save_model(path, nodes, inputs, outputs, initializers)
+
+
+def test_an_nhwc_branchy_model_with_two_inputs_probes_on_ray_as_locally(cluster, tmp_path):
+    rng = np.random.default_rng(71)
+    model = save_nhwc_inception_with_two_inputs(tmp_path / "model.onnx", rng)
+    n = 600
+    labels = rng.integers(0, 4, n)
+    image = rng.uniform(0, 1, (n, 8, 8, 4)).astype(np.float32)
+    image[np.arange(n), :, :, labels] += 0.3  # the class is the brightest channel (last axis: NHWC)
+    extra = rng.normal(size=(n, 3)).astype(np.float32)
+    dataset = probecore.split_dataset(probecore.pack_inputs(image=image, extra=extra), labels, seed=0)
+    spec = probecore.RunSpec(fit=probecore.FitOptions(l2=(1e-2, 1e-3)), batch_size=50)
+    local = probecore.run_probes(OnnxSource(model, device="cpu"), dataset, spec)
+    engine = RayEngine(cluster.address, shard_batches=2)
+    on_ray = probecore.run_probes(OnnxSource(model, device="cpu"), dataset, spec, engine=engine)
+    probed = {layer.name for layer in on_ray.layers}
+    assert {"image", "extra", "b1_relu", "b2b_relu", "b3_relu", "pooled"} <= probed  # both inputs, every branch
+    assert len({shard["node"] for shard in engine.shard_log}) >= 2  # the shards did spread over the nodes
+    assert_same_report(on_ray.to_dict(), local.to_dict())
+    errors = {layer.name: layer.metrics["test"].error for layer in local.layers}
+    assert errors["pooled"] < 0.5  # the brightest channel is readable after the module (chance: 0.75)
