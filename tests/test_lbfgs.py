@@ -124,7 +124,6 @@ def test_the_spectral_guess_and_its_quadratic_match_the_dense_matrix():
     assert guess.quadratic(vector) < vector @ vector  # M shrinks the top directions: a real change, not the identity
 
 
-
 def test_a_line_search_below_the_loss_resolution_gives_up_at_once():
     """A float32 loss near its optimum: once no step can show a decrease the loss resolves, the search stops
     trying (a handful of evaluations, not twenty)."""
