@@ -186,13 +186,24 @@ VALUE_KERNEL_MAX_CLASSES = 64
 # Work per row chunk (4 N d C flops): about 1 to 2 ms on one core, so that a chunk's fixed costs (its
 # own gradient sums, the hand-off to a thread: 20 to 50 us) stay within a few per cent.
 CHUNK_FLOPS = 1e8
+# Each chunk writes a (d, C) gradient of its own, which the evaluation then scales and adds: with many classes,
+# chunks of few rows cost more in those than in their products (5000 x 512, C = 1000: 105 chunks of 48 rows
+# took 1.7 times as long as 4 of 1252; 20 000 x 2048, C = 100: 162 chunks 1.2 times as long as 25). So a chunk
+# has at least this many rows per class, unless that would leave fewer than MIN_CHUNKS for one fit's threads.
+MIN_ROWS_PER_CLASS = 8
+MIN_CHUNKS = 4
 
 
 def row_chunks(n_samples: int, n_features: int, n_classes: int, unit: int = 4) -> list[tuple[int, int]]:
-    """Row ranges of about ``CHUNK_FLOPS`` each, whole multiples of ``unit`` rows (the transposed layout's
-    blocks) but the last: fixed by the shape, so a chunked evaluation gives the same sums on any pool."""
-    rows = max(unit, -(-int(CHUNK_FLOPS // (4 * n_features * n_classes)) // unit) * unit)
+    """Row ranges of about ``CHUNK_FLOPS`` each (at least ``MIN_ROWS_PER_CLASS`` rows per class), whole
+    multiples of ``unit`` rows (the transposed layout's blocks) but the last: fixed by the shape, so a chunked
+    evaluation gives the same sums on any pool."""
+    rows = int(CHUNK_FLOPS // (4 * n_features * n_classes))
+    rows = max(rows, min(MIN_ROWS_PER_CLASS * n_classes, -(-n_samples // MIN_CHUNKS)))
+    rows = max(unit, -(-rows // unit) * unit)
     return [(start, min(start + rows, n_samples)) for start in range(0, n_samples, rows)]
+
+
 TRANSPOSED_MAX_FEATURES = 128
 # The fused kernel keeps its weights and gradient sums, (C - 1) x d float32 each, in cache with a block of
 # rows (of logits, in the transposed layout); past these sizes the two-pass BLAS version, whose products

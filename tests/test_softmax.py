@@ -346,3 +346,14 @@ def test_the_held_out_loss_is_the_float64_mean_cross_entropy(n, d, c):
     weights, bias = params[: d * c].reshape(d, c), params[d * c :]
     expected = ref.softmax_objective(features, labels, weights, bias, 0.0)[0]
     assert loss.held_out_loss(params, features, labels) == pytest.approx(expected, rel=1e-5)
+
+
+@pytest.mark.parametrize("n, d, c", [(5000, 512, 1000), (20000, 2048, 100), (3500, 3200, 10), (40, 8, 500)])
+def test_row_chunks_cover_the_rows_once_and_are_not_thin_next_to_the_classes(n, d, c):
+    from probecore.softmax import CHUNK_FLOPS, MIN_CHUNKS, MIN_ROWS_PER_CLASS, row_chunks
+
+    chunks = row_chunks(n, d, c)
+    assert chunks[0][0] == 0 and chunks[-1][1] == n and all(a[1] == b[0] for a, b in zip(chunks, chunks[1:]))
+    rows = chunks[0][1] - chunks[0][0]
+    assert rows >= min(MIN_ROWS_PER_CLASS * c, n / MIN_CHUNKS)  # each chunk's own (d, C) gradient stays small
+    assert rows >= CHUNK_FLOPS / (4 * d * c) or len(chunks) == 1
