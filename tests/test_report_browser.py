@@ -104,6 +104,22 @@ def assert_details_match(shown, layer, report):
     assert all(message in shown["findings"] for message in messages) and (messages or shown["findings"] == "none")
 
 
+def assert_each_layer_box_matches_report(browser, folder):
+    """Open ``folder``'s report.html: no console error, nothing fetched, one chain box per layer of its
+    report.json, and each box's details equal to that layer's numbers. (report, the boxes)."""
+    from selenium.webdriver.common.by import By
+
+    report = json.loads((folder / "report.json").read_text())
+    errors, fetched = open_page(browser, folder / "report.html")
+    assert errors == [] and fetched == []
+    chain = browser.find_elements(By.CSS_SELECTOR, "svg.chain g[data-layer]")
+    assert [box.get_attribute("data-layer") for box in chain] == [layer["name"] for layer in report["layers"]]
+    for box, layer in zip(chain, report["layers"]):
+        hover(browser, box)
+        assert_details_match(details(browser), layer, report)
+    return report, chain
+
+
 def column(browser, table, index):
     from selenium.webdriver.common.by import By
 
@@ -113,14 +129,7 @@ def column(browser, table, index):
 def test_the_demos_report_answers_hover_click_and_sorting(browser, demo_results, tmp_path):
     from selenium.webdriver.common.by import By
 
-    report = json.loads((demo_results / "report.json").read_text())
-    errors, fetched = open_page(browser, demo_results / "report.html")
-    assert errors == [] and fetched == []
-    chain = browser.find_elements(By.CSS_SELECTOR, "svg.chain g[data-layer]")
-    assert [box.get_attribute("data-layer") for box in chain] == [layer["name"] for layer in report["layers"]]
-    for box, layer in zip(chain, report["layers"]):
-        hover(browser, box)
-        assert_details_match(details(browser), layer, report)
+    report, chain = assert_each_layer_box_matches_report(browser, demo_results)
     chain[2].click()  # pinned: stays when the pointer moves off the layers
     hover(browser, browser.find_element(By.TAG_NAME, "h1"))
     assert details(browser)["name"] == report["layers"][2]["name"]
@@ -223,14 +232,7 @@ def test_a_report_of_a_model_built_as_users_bring_them_in_the_browser(browser, t
     layers = ["--layers", "relu,conv2,block,gate,swish,pool,logits"] if kind == "branchy" else []
     result = invoke("run", model, "--data", tmp_path / "data.npz", "--out", tmp_path / "out", "--no-cache", "--quiet", *layers)
     assert result.exit_code == 0, result.output
-    report = json.loads((tmp_path / "out" / "report.json").read_text())
-    errors, fetched = open_page(browser, tmp_path / "out" / "report.html")
-    assert errors == [] and fetched == []
-    chain = browser.find_elements(By.CSS_SELECTOR, "svg.chain g[data-layer]")
-    assert [box.get_attribute("data-layer") for box in chain] == [layer["name"] for layer in report["layers"]]
-    for box, layer in zip(chain, report["layers"]):
-        hover(browser, box)
-        assert_details_match(details(browser), layer, report)
+    assert_each_layer_box_matches_report(browser, tmp_path / "out")
     if kind == "branchy":  # the graph's branches reach the page: some layer is off the main path
         data = json.loads(browser.find_element(By.ID, DATA_ID).get_attribute("textContent"))
         assert {layer["role"] for layer in data["reports"][0]["layers"]} == {"main", "branch", "side"}
