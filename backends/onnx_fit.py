@@ -239,7 +239,7 @@ class OrtSoftmaxLoss:
 
     def held_out_loss(self, params: np.ndarray, features: np.ndarray, labels: np.ndarray) -> float:
         """Mean cross-entropy (no L2 term) on ``features``: uploaded at the first call and kept while the same
-        array comes back (the settled test asks for the validation split every iteration)."""
+        array comes back (the settled test asks for the validation split again and again)."""
         if self._held_out is None or self._held_out[0] is not features:
             binding = self._binding(self.fitter.value, self.fitter.bind(features), np.asarray(labels, np.int64))
             total = np.empty((), np.float64)

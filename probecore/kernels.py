@@ -1,4 +1,4 @@
-"""numba kernels for the per-batch feature reductions.
+"""numba kernels for passes over features: the per-batch reductions, and the fit's standardization.
 
 Short explicit loops, compiled once (``cache=True``). Serial on purpose: these passes are memory-bound, and
 numba's parallel launch cost about 8 ms a call on a 2-core machine (benchmarks/README.md). Input checking
@@ -120,3 +120,23 @@ def permute_rows(rows, order):
                 break
             rows[i] = rows[j]
             i = j
+
+
+@numba.njit(cache=True, nogil=True)
+def add_moments(rows, shift, sums, squares):
+    """``sums += sum(rows - shift)`` and ``squares += sum((rows - shift) ** 2)`` per column, in float64: one pass
+    for the mean and spread (a shift near the mean keeps the variance from cancelling)."""
+    for i in range(rows.shape[0]):
+        for j in range(rows.shape[1]):
+            value = np.float64(rows[i, j]) - shift[j]
+            sums[j] += value
+            squares[j] += value * value
+
+
+@numba.njit(cache=True, nogil=True)
+def standardize(rows, mean, scale, out):
+    """``out = (rows - mean) / scale`` in one pass (numpy's subtract then divide made two), in the rows' precision
+    (float32 or float64), written as float32."""
+    for i in range(rows.shape[0]):
+        for j in range(rows.shape[1]):
+            out[i, j] = (rows[i, j] - mean[j]) / scale[j]

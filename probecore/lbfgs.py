@@ -17,12 +17,28 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 import numba
 import numpy as np
 
 ARMIJO = 1e-4  # sufficient decrease: f(x + a d) <= f(x) + ARMIJO * a * g'd
 MAX_BACKTRACKS = 20
+
+
+class Preconditioner(Protocol):
+    """``M = I + E P``, symmetric positive definite, close to the inverse Hessian's shape: ``P`` maps a vector to a
+    few numbers (``project``), linearly, so that L-BFGS keeps ``P`` of each gradient and gradient change and gets
+    ``P`` of any combination of them without another pass over the preconditioner (one projection and one
+    ``apply`` an iteration)."""
+
+    def project(self, vector: np.ndarray) -> np.ndarray: ...
+
+    def apply(self, vector: np.ndarray, projected: np.ndarray) -> np.ndarray:
+        """``M vector`` (a new array), given ``projected = project(vector)``."""
+
+    def excess(self, projected: np.ndarray) -> float:
+        """``vector' M vector - vector' vector``, given ``projected = project(vector)``."""
 
 
 @dataclass(frozen=True)
@@ -41,7 +57,7 @@ def minimize(
     value_and_grad: Callable[[np.ndarray], tuple[float, np.ndarray]],
     start: np.ndarray,
     *,
-    precondition: Callable[[np.ndarray], np.ndarray] | None = None,
+    precondition: Preconditioner | None = None,
     memory: int = 10,
     max_iter: int = 1000,
     gtol: float = 1e-7,
@@ -49,18 +65,15 @@ def minimize(
     callback: Callable[[np.ndarray, float], bool] | None = None,
     resolution: float = 0.0,
 ) -> Result:
-    """Minimize from ``start`` (float64). ``precondition(v)`` returns ``M v`` for a symmetric positive definite
-    ``M`` close to the inverse Hessian's shape (a new array). Stops when the largest gradient entry is at most
-    ``gtol``, when one iteration lowers the objective by at most ``ftol * max(|f|, 1)`` (scipy's test), when
-    ``callback(x, f)`` returns True after an iteration, or after ``max_iter`` iterations. A ``precondition`` with
-    a ``quadratic(v)`` method giving ``v'M v`` saves one product an iteration (the scaling ``gamma``).
+    """Minimize from ``start`` (float64), with ``precondition``'s ``M`` as the initial inverse Hessian (None: the
+    identity). Stops when the largest gradient entry is at most ``gtol``, when one iteration lowers the objective
+    by at most ``ftol * max(|f|, 1)`` (scipy's test), when ``callback(x, f)`` returns True after an iteration, or
+    after ``max_iter`` iterations.
 
     ``resolution``: the loss's relative precision (about 1e-7 for a float32 loss). A step whose predicted
     decrease is below that share of ``|f|`` cannot show one, nor can a shorter step, so the line search gives
     up there (``at_resolution``) rather than after ``MAX_BACKTRACKS`` tries."""
     x = np.array(start, dtype=np.float64)
-    apply = precondition or (lambda v: v.copy())
-    quadratic = getattr(precondition, "quadratic", None) or (lambda v: float(v @ apply(v)))
     f, g = value_and_grad(x)
     n_eval = 1
     if not np.isfinite(f):
@@ -68,6 +81,8 @@ def minimize(
     steps = np.zeros((memory, len(x)), np.float32)
     changes = np.zeros((memory, len(x)), np.float32)
     rho, alphas = np.zeros(memory), np.zeros(memory)
+    projected = None if precondition is None else precondition.project(g)  # P g
+    projected_changes = None if precondition is None else np.zeros((memory, *projected.shape))  # P y of each pair
     stored, newest, gamma = 0, -1, None
     for iteration in range(1, max_iter + 1):
         if np.abs(g).max() <= gtol:
@@ -75,7 +90,10 @@ def minimize(
         order = (newest - np.arange(stored)) % memory  # newest first
         q = g.copy()
         _first_loop(q, steps, changes, rho, order, alphas)
-        direction = apply(q)
+        if precondition is None:
+            direction = q
+        else:  # q = g - sum(alpha y), so P q from the kept projections
+            direction = precondition.apply(q, projected - np.tensordot(alphas[order], projected_changes[order], 1))
         if gamma is None:  # no pair yet: a step of length 1 along the preconditioned gradient
             gamma = 1.0 / max(float(np.linalg.norm(direction)), 1e-300)
         direction *= gamma
@@ -84,7 +102,7 @@ def minimize(
         slope = float(direction @ g)
         if not slope < 0:  # rounding lost descent: restart from the preconditioned gradient
             stored, gamma = 0, None
-            direction = -apply(g)
+            direction = -(g if precondition is None else precondition.apply(g, projected))
             slope = float(direction @ g)
         step, f_new, g_new, tries = _backtrack(value_and_grad, x, f, slope, direction, resolution)
         n_eval += tries
@@ -93,14 +111,19 @@ def minimize(
             return Result(x, f, iteration - 1, n_eval, reason)
         x_new = x + step * direction
         s, y = x_new - x, g_new - g
+        projected_new = None if precondition is None else precondition.project(g_new)
         curvature = float(s @ y)
         if curvature > 0:
             newest = (newest + 1) % memory
             steps[newest], changes[newest], rho[newest] = s, y, 1.0 / curvature
             stored = min(stored + 1, memory)
-            gamma = curvature / quadratic(y)
+            quadratic = float(y @ y)  # y'M y
+            if precondition is not None:
+                projected_changes[newest] = projected_new - projected
+                quadratic += precondition.excess(projected_changes[newest])
+            gamma = curvature / quadratic
         decrease = f - f_new
-        x, f, g = x_new, f_new, g_new
+        x, f, g, projected = x_new, f_new, g_new, projected_new
         if callback is not None and callback(x, f):
             return Result(x, f, iteration, n_eval, "stopped")
         if decrease <= ftol * max(abs(f), 1.0):

@@ -5,8 +5,8 @@ loss's curvature along the top eigenvectors of ``X'X / N`` is hundreds of times 
 L-BFGS spends most of its iterations on that spread. Starting L-BFGS from ``M``, which shrinks each of the
 top ``k`` directions towards the curvature of the ``k+1``-th, as its guess of the inverse Hessian removes
 most of it, for the price of a randomized eigendecomposition (a few passes over the features) and two
-``(d, k)`` products per iteration. The objective and its optimum are unchanged: only the path L-BFGS takes
-to it (benchmarks/README.md).
+``(d, k)`` products per iteration (``project`` and ``apply``). The objective and its optimum are unchanged:
+only the path L-BFGS takes to it (benchmarks/README.md).
 """
 
 from __future__ import annotations
@@ -69,13 +69,18 @@ class SpectralPreconditioner:
     def scales(self, l2: float) -> np.ndarray:
         return ((self.floor + l2) / (self.eigenvalues + l2)) ** EXPONENT
 
-    def apply(self, matrix: np.ndarray, scales: np.ndarray) -> np.ndarray:
-        """``M @ matrix`` for a (d, C) float64 matrix, ``M`` with these ``scales`` (``scales(l2)``); the correction
-        in float32, as precise as the loss it feeds."""
-        shrink = (scales - 1).astype(np.float32)[:, None]
-        return matrix + self.vectors @ (shrink * (self.vectors.T @ matrix.astype(np.float32)))
+    def project(self, matrix: np.ndarray) -> np.ndarray:
+        """``V' matrix`` (k, C) in float64 for a (d, C) matrix: all that ``apply`` and ``excess`` need of it
+        besides the matrix itself (float32 product, as precise as the loss it feeds)."""
+        return (self.vectors.T @ matrix.astype(np.float32)).astype(np.float64)
 
-    def excess(self, matrix: np.ndarray, scales: np.ndarray) -> float:
-        """``sum(matrix * (M @ matrix)) - sum(matrix ** 2)``: what ``M`` adds to the squared norm, from one product."""
-        projected = (self.vectors.T @ matrix.astype(np.float32)).astype(np.float64)
+    def apply(self, matrix: np.ndarray, scales: np.ndarray, projected: np.ndarray) -> np.ndarray:
+        """``M @ matrix`` for a (d, C) float64 matrix, ``M`` with these ``scales`` (``scales(l2)``), given
+        ``projected = project(matrix)``."""
+        return matrix + self.vectors @ ((scales - 1)[:, None] * projected).astype(np.float32)
+
+    @staticmethod
+    def excess(projected: np.ndarray, scales: np.ndarray) -> float:
+        """``sum(matrix * (M @ matrix)) - sum(matrix ** 2)``, what ``M`` adds to the squared norm, given
+        ``projected = project(matrix)``."""
         return float(((scales - 1)[:, None] * projected * projected).sum())

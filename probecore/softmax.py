@@ -6,6 +6,7 @@ solver in ``probe.py`` only sees a callable. Compute is float32 (numpy's BLAS), 
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
@@ -39,7 +40,7 @@ class LossEvaluator(Protocol):
     """What a probe's fit needs of its loss (``SoftmaxLoss`` here, on the host; a backend may evaluate the same
     objective on a device: ``probecore.backends.onnx_fit``). Parameters are flat float64 ``[W.ravel(), b]``;
     ``l2`` is set between the fits of a path. ``held_out_loss`` is asked for one fit's validation split at
-    every iteration (the same arrays each time), without the L2 term."""
+    the iterations its stopping rule looks at (the same arrays each time), without the L2 term."""
 
     l2: float
 
@@ -78,6 +79,7 @@ class SoftmaxLoss:
     # here, so later changes to ``features`` do not reach it
     _transposed_blocks: np.ndarray | None = field(default=None, init=False, repr=False, compare=False)
     _chunks: list[tuple[int, int]] = field(default_factory=list, init=False, repr=False, compare=False)
+    # each chunk's sums (``_rows``), one row each, kept: new arrays each time cost page faults
     _parts: np.ndarray | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self):
@@ -101,6 +103,7 @@ class SoftmaxLoss:
             from .softmax_kernel import transpose_blocks
 
             self._transposed_blocks = transpose_blocks(self.features, self.n_classes)
+        self._chunks = [(0, len(self.labels))]
         if self.pool is not None:
             from .softmax_kernel import transposed_block_rows
 
@@ -111,53 +114,92 @@ class SoftmaxLoss:
         return unpack(params, self.features.shape[1], self.n_classes)
 
     def value_and_grad(self, params: np.ndarray) -> tuple[float, np.ndarray]:
+        """The chunks' sums (``_rows``), added in chunk order, then the mean, its gradient and the L2 term."""
         params = np.ascontiguousarray(params, dtype=np.float64)  # scipy's already is: no copy
-        n_weights = self.features.shape[1] * self.n_classes
+        n_samples, n_features = self.features.shape
+        n_weights = n_features * self.n_classes
         flat_weights = params[:n_weights]
         weights, bias = flat_weights.reshape(-1, self.n_classes), params[n_weights:]
-        grad = np.empty(len(params))
-        if len(self._chunks) > 1:
-            loss = self._chunked(weights, bias, grad)
+        if self.kernel == "blas":
+            prepared = (weights.astype(np.float32), bias.astype(np.float32))
         else:
-            loss = self._rows(0, len(self.labels), weights, bias, grad)
-        grad[:n_weights] += self.l2 * flat_weights
-        return loss + 0.5 * self.l2 * float(np.dot(flat_weights, flat_weights)), grad
+            from .softmax_kernel import shifted_weights  # numba: imported at the first fused evaluation
 
-    def _rows(self, start: int, stop: int, weights, bias, grad) -> float:
-        """Mean cross-entropy of rows [start, stop) without the L2 term; its gradient written into ``grad``."""
-        n_weights = weights.size
+            prepared = shifted_weights(weights, bias, self._width)
+        total = self._sum_chunks(prepared)
+        sums = self._parts[0] if len(self._parts) == 1 else self._parts.sum(axis=0)  # row by row: a fixed order
+        grad = np.empty(len(params))
         grad_weights, grad_bias = grad[:n_weights].reshape(weights.shape), grad[n_weights:]
         if self.kernel == "blas":
-            features, labels = self.features[start:stop], self.labels[start:stop]
-            return self._two_pass(features, labels, weights, bias, grad_weights, grad_bias)
-        from . import softmax_kernel  # numba: imported at the first fused evaluation
+            np.divide(sums[:n_weights].reshape(weights.shape), n_samples, out=grad_weights)
+            grad_weights += self.l2 * weights
+            np.divide(sums[n_weights:], n_samples, out=grad_bias)
+            return total / n_samples + 0.5 * self.l2 * float(np.dot(flat_weights, flat_weights)), grad
+        from .softmax_kernel import finish
 
-        labels = self.labels[start:stop]
-        if self._transposed_blocks is None:
-            features, kernel = self.features[start:stop], softmax_kernel.softmax_loss_grad
-        else:
-            block = self._transposed_blocks.shape[2]
-            features = self._transposed_blocks[start // block : -(-stop // block)]
-            kernel = softmax_kernel.softmax_loss_grad_transposed
-        return kernel(features, labels, weights, bias, 0.0, grad_weights, grad_bias)
+        sums_weights, sums_bias = self._fused_sums(sums)
+        return finish(sums_weights, sums_bias, weights, self.l2, n_samples, total, grad_weights, grad_bias), grad
 
-    def _chunked(self, weights, bias, grad) -> float:
-        """The chunks' means on the pool's threads, weighted by their rows and added in chunk order."""
-        if self._parts is None:  # one gradient per chunk, kept: new arrays each time cost page faults
-            self._parts = np.empty((len(self._chunks), len(grad)))
-        futures = [
-            self.pool.submit(self._rows, start, stop, weights, bias, part)
-            for (start, stop), part in zip(self._chunks, self._parts)
-        ]
-        shares = np.array([stop - start for start, stop in self._chunks]) / len(self.labels)
-        losses = np.array([future.result() for future in futures])
-        self._parts *= shares[:, None]
-        self._parts.sum(axis=0, out=grad)  # row after row: the same order whatever ran the chunks
-        return float(shares @ losses)
+    def _sum_chunks(self, prepared) -> float:
+        """Each chunk's sums into its row of ``_parts``; returns the summed cross-entropy. On the pool, up to one
+        task per thread, each taking the next chunk until none is left: one hand-off per thread rather than per
+        chunk, and a task that starts late (its thread busy with another fit's chunks) finds the work done."""
+        if self._parts is None:
+            self._parts = np.empty((len(self._chunks), self._part_size()))
+        totals = np.empty(len(self._chunks))
+        if len(self._chunks) == 1:
+            totals[0] = self._rows(*self._chunks[0], prepared, self._parts[0])
+            return float(totals[0])
+        chunks, lock = iter(range(len(self._chunks))), threading.Lock()
+
+        def work():
+            while True:
+                with lock:
+                    index = next(chunks, None)
+                if index is None:
+                    return
+                totals[index] = self._rows(*self._chunks[index], prepared, self._parts[index])
+
+        # ThreadPoolExecutor tells its size only there; a pool without it gets a task per chunk
+        tasks = min(len(self._chunks), getattr(self.pool, "_max_workers", len(self._chunks)))
+        for future in [self.pool.submit(work) for _ in range(tasks)]:
+            future.result()
+        return float(totals.sum())
+
+    @property
+    def _width(self) -> int:
+        """The length of a features row in the fused kernel's layout (d, or the transposed blocks' padded d)."""
+        return self.features.shape[1] if self._transposed_blocks is None else self._transposed_blocks.shape[1]
+
+    def _part_size(self) -> int:
+        if self.kernel == "blas":
+            return (self.features.shape[1] + 1) * self.n_classes
+        return (self.n_classes - 1) * self._width + self.n_classes
+
+    def _fused_sums(self, part: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """A part's views as the fused kernels' sums: (C - 1, ``_width``) and the bias's (C,)."""
+        size = (self.n_classes - 1) * self._width
+        return part[:size].reshape(self.n_classes - 1, self._width), part[size:]
+
+    def _rows(self, start: int, stop: int, prepared, part: np.ndarray) -> float:
+        """The summed cross-entropy of rows [start, stop), with the sums its gradient needs written into
+        ``part``: the fused kernels' (``softmax_kernel.softmax_sums``), or X'R and R's column sums (BLAS)."""
+        if self.kernel == "blas":
+            n_weights = self.features.shape[1] * self.n_classes
+            sums_weights = part[:n_weights].reshape(-1, self.n_classes)
+            rows, labels = self.features[start:stop], self.labels[start:stop]
+            return self._two_pass(rows, labels, *prepared, sums_weights, part[n_weights:])
+        from . import softmax_kernel
+
+        if self._transposed_blocks is None:  # all the rows: the kernel prefetches the next chunk's first ones
+            return softmax_kernel.softmax_sums(self.features, self.labels, start, stop, *prepared, *self._fused_sums(part))
+        block = self._transposed_blocks.shape[2]
+        blocks = self._transposed_blocks[start // block : -(-stop // block)]
+        return softmax_kernel.softmax_sums_transposed(blocks, self.labels[start:stop], *prepared, *self._fused_sums(part))
 
     def held_out_loss(self, params: np.ndarray, features: np.ndarray, labels: np.ndarray) -> float:
         """Mean cross-entropy (no L2 term) of the probe ``params`` on other (N, d) float32 features: the settled
-        test's per-iteration validation loss. Up to ``VALUE_KERNEL_MAX_CLASSES`` classes by the fused kernel's
+        test's validation loss. Up to ``VALUE_KERNEL_MAX_CLASSES`` classes by the fused kernel's
         logits pass, which reads the parameters where they are (2 to 3 times faster than numpy's thin
         product there, slower beyond: measured at 2 to 1000 classes)."""
         n_weights = self.features.shape[1] * self.n_classes
@@ -169,17 +211,16 @@ class SoftmaxLoss:
         return mean_cross_entropy(features @ weights.astype(np.float32) + bias.astype(np.float32), labels)
 
     @staticmethod
-    def _two_pass(features, labels, weights, bias, grad_weights, grad_bias) -> float:
-        n_samples = len(labels)
-        log_probs = log_softmax(features @ weights.astype(np.float32) + bias.astype(np.float32))
-        rows = np.arange(n_samples)
-        loss = -log_probs[rows, labels].sum(dtype=np.float64) / n_samples
+    def _two_pass(features, labels, weights, bias, sums_weights, sums_bias) -> float:
+        """``_rows`` by two numpy products: the summed cross-entropy, X'R and R's column sums."""
+        log_probs = log_softmax(features @ weights + bias)
+        rows = np.arange(len(labels))
+        total = -log_probs[rows, labels].sum(dtype=np.float64)
         residual = np.exp(log_probs)
         residual[rows, labels] -= 1.0
-        residual /= n_samples
-        grad_weights[...] = features.T @ residual
-        residual.sum(axis=0, dtype=np.float64, out=grad_bias)
-        return float(loss)
+        sums_weights[...] = features.T @ residual
+        residual.sum(axis=0, dtype=np.float64, out=sums_bias)
+        return float(total)
 
 
 VALUE_KERNEL_MAX_CLASSES = 64

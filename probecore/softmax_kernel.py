@@ -13,6 +13,10 @@ each block:
    once, while the block is still in cache. Partial sums are float32 over at most ``FLUSH_ROWS`` rows,
    then added in float64.
 
+A kernel returns the sums over its rows (``softmax_sums``), so that an evaluation cut into row chunks
+(``softmax.SoftmaxLoss``) prepares the weights once (``shifted_weights``), adds the chunks' sums, and turns
+them into the mean and its gradient once (``finish``).
+
 The softmax is unchanged by subtracting one class's logit from all of them, so the last class serves as the
 reference: logits are computed for C - 1 classes with weights ``W[:, c] - W[:, C-1]``, and the last class's
 gradient is minus the sum of the others (the residuals of a row sum to zero). At C = 2 that halves the work.
@@ -322,12 +326,14 @@ def _row_stride(length):
 
 
 @numba.njit(cache=True, nogil=True, fastmath=FASTMATH)
-def _shifted(weights, bias, width):
-    """Weights relative to the last class, transposed, float32, zero beyond the features: (C - 1, width);
-    and the bias likewise. Softmax does not see a logit subtracted from all of a row's."""
+def shifted_weights(weights, bias, width):
+    """Weights relative to the last class, transposed, float32, zero beyond the features: (C - 1, stride) for
+    features whose rows in the kernel's layout are ``width`` floats long (d, or ``transpose_blocks``' padded d);
+    and the bias likewise. Softmax does not see a logit subtracted from all of a row's. Made once per
+    evaluation and shared by its row chunks."""
     n_features, n_classes = weights.shape
     reference = n_classes - 1
-    shifted = np.zeros((reference, width), np.float32)
+    shifted = np.zeros((reference, _row_stride(width)), np.float32)
     for c in range(reference):
         for j in range(n_features):
             shifted[c, j] = weights[j, c] - weights[j, reference]
@@ -346,48 +352,65 @@ def _flush(partial, flushed):
 
 
 @numba.njit(cache=True, nogil=True, fastmath=FASTMATH)
-def _finish(flushed, weights, bias, l2, n_samples, total, grad_weights, grad_bias):
-    """The gradient from the float64 sums of the first C - 1 classes, plus the L2 term; returns the objective."""
+def finish(sums, bias_sums, weights, l2, n_samples, total, grad_weights, grad_bias):
+    """The objective and its gradient from the sums of the kernels' row chunks (``softmax_sums``: ``total``
+    cross-entropy, ``sums`` (C - 1, at least d) and ``bias_sums`` (C,) over ``n_samples`` rows), plus the L2
+    term; writes the gradient into ``grad_weights`` (d, C) and ``grad_bias`` (C,)."""
     n_features, n_classes = weights.shape
     reference = n_classes - 1
     penalty = 0.0
     for j in range(n_features):  # the residuals of each row sum to zero, and so do the class gradients
         sum_of_others = 0.0
         for c in range(reference):
-            grad_weights[j, c] = flushed[c, j] / n_samples + l2 * weights[j, c]
-            sum_of_others += flushed[c, j]
+            grad_weights[j, c] = sums[c, j] / n_samples + l2 * weights[j, c]
+            sum_of_others += sums[c, j]
         grad_weights[j, reference] = -sum_of_others / n_samples + l2 * weights[j, reference]
         for c in range(n_classes):
             penalty += weights[j, c] * weights[j, c]
     for c in range(n_classes):
-        grad_bias[c] /= n_samples
+        grad_bias[c] = bias_sums[c] / n_samples
     return total / n_samples + 0.5 * l2 * penalty
 
 
 @numba.njit(cache=True, nogil=True, fastmath=FASTMATH)
 def softmax_loss_grad(features, labels, weights, bias, l2, grad_weights, grad_bias):
     """Mean cross-entropy of ``softmax(features @ weights + bias)`` plus ``l2 / 2 * ||weights||^2``; writes
-    its gradient in place.
+    its gradient in place: ``softmax_sums`` over all the rows, then ``finish``.
 
     features (N, d) float32 C-contiguous, N >= 1; labels (N,) int64 in [0, C); weights (d, C) and bias (C,),
     any float type (float64 views of the optimizer's parameters: read once, converted here); grad_weights
-    (d, C) and grad_bias (C,) float64, overwritten (views of the gradient vector the optimizer gets: no copy
-    after). Returns the objective as a float. Inputs are checked by the caller (``softmax.SoftmaxLoss``).
-    Rows in blocks of ``BLOCK_BYTES``, tiles of 4 rows.
+    (d, C) and grad_bias (C,) float64, overwritten. Returns the objective as a float. Inputs are checked by the
+    caller (``softmax.SoftmaxLoss``).
     """
-    n_samples, n_features = features.shape
-    n_classes = weights.shape[1]
+    n_features, n_classes = weights.shape
+    shifted, shifted_bias = shifted_weights(weights, bias, n_features)
+    sums, bias_sums = np.empty((n_classes - 1, n_features)), np.empty(n_classes)
+    total = softmax_sums(features, labels, 0, features.shape[0], shifted, shifted_bias, sums, bias_sums)
+    return finish(sums, bias_sums, weights, l2, features.shape[0], total, grad_weights, grad_bias)
+
+
+@numba.njit(cache=True, nogil=True, fastmath=FASTMATH)
+def softmax_sums(features, labels, first, stop, shifted, shifted_bias, sums, bias_sums):
+    """The sums an evaluation needs over rows [first, stop): returns their summed cross-entropy, and writes the
+    float64 sums of residual times features, (C - 1, d), into ``sums`` and of the residuals, (C,), into
+    ``bias_sums``.
+
+    features (N, d) float32 C-contiguous, first < stop <= N; labels (N,) int64 in [0, C); ``shifted``,
+    ``shifted_bias`` from ``shifted_weights``. Rows in blocks of ``BLOCK_BYTES``, tiles of 4 rows; the rows after
+    ``stop`` are prefetched as the next block, so a thread that goes on to the next row chunk finds them in cache.
+    """
+    n_features = features.shape[1]
+    n_classes = shifted_bias.shape[0]
     block = max(4, min(1024, BLOCK_BYTES // (4 * n_features) // 4 * 4))
-    shifted, shifted_bias = _shifted(weights, bias, _row_stride(n_features))
     logits = np.empty((n_classes, block), np.float32)  # a block's logits, then its residuals, class-major
     largest, norms, powers = np.empty(block, np.float32), np.empty(block, np.float32), np.empty(block, np.int32)
     partial = np.zeros((n_classes - 1, _row_stride(n_features)), np.float32)  # float32 sums since last flush
-    flushed = np.zeros((n_classes - 1, n_features))  # and their float64 sum
-    grad_bias[:] = 0.0
+    sums[:] = 0.0
+    bias_sums[:] = 0.0
     total = 0.0
     unflushed = 0
-    for start in range(0, n_samples, block):
-        rows = min(block, n_samples - start)
+    for start in range(first, stop, block):
+        rows = min(block, stop - start)
         last = start + rows - 1
         ahead = start + block  # the next block: half of it fetched during each pass over this one
         logits[:] = 0.0  # the last class's logits stay zero
@@ -395,17 +418,17 @@ def softmax_loss_grad(features, labels, weights, bias, l2, grad_weights, grad_bi
             _prefetch_rows(features, ahead + r // 2, 2)
             i0 = start + r
             _logits_tiles(features, i0, min(i0 + 1, last), min(i0 + 2, last), min(i0 + 3, last), shifted, logits, r)
-        total += _softmax(logits, rows, shifted_bias, labels[start:], grad_bias, largest, norms, powers)
+        total += _softmax(logits, rows, shifted_bias, labels[start:], bias_sums, largest, norms, powers)
         logits[:, rows:] = 0.0  # the repeated rows add nothing to the gradient
         for r in range(0, rows, 4):
             _prefetch_rows(features, ahead + block // 2 + r // 2, 2)
             i0 = start + r
             _grad_tiles(features, i0, min(i0 + 1, last), min(i0 + 2, last), min(i0 + 3, last), logits, r, partial)
         unflushed += rows
-        if unflushed >= FLUSH_ROWS or start + rows == n_samples:
-            _flush(partial, flushed)
+        if unflushed >= FLUSH_ROWS or start + rows == stop:
+            _flush(partial, sums)
             unflushed = 0
-    return _finish(flushed, weights, bias, l2, n_samples, total, grad_weights, grad_bias)
+    return total
 
 
 def transposed_block_rows(n_classes: int) -> int:
@@ -427,22 +450,22 @@ def transpose_blocks(features: np.ndarray, n_classes: int) -> np.ndarray:
 
 
 @numba.njit(cache=True, nogil=True, fastmath=FASTMATH)
-def softmax_loss_grad_transposed(blocks, labels, weights, bias, l2, grad_weights, grad_bias):
-    """``softmax_loss_grad`` on features laid out by ``transpose_blocks``, for few features (up to 128,
+def softmax_sums_transposed(blocks, labels, shifted, shifted_bias, sums, bias_sums):
+    """``softmax_sums`` on features laid out by ``transpose_blocks``, for few features (up to 128,
     ``softmax.transposed``): there a row's dot products are too short to run at speed, while a block's rows
     are many. The same tiles then run along the rows: logits[c] += sum over 4 features of W[f, c] * X[:, f],
-    and the gradient G[c, f] += dot(residual[c], X[:, f]) over the block. Same arguments otherwise.
+    and the gradient G[c, f] += dot(residual[c], X[:, f]) over the block. ``sums`` is (C - 1, at least the
+    blocks' padded width); ``shifted`` from ``shifted_weights`` with that width. Same arguments otherwise.
     """
     n_samples = labels.shape[0]
     n_blocks, width, block = blocks.shape
-    n_classes = weights.shape[1]
-    shifted, shifted_bias = _shifted(weights, bias, _row_stride(width))
+    n_classes = shifted_bias.shape[0]
     logits = np.empty((n_classes, block), np.float32)
     free = logits[: n_classes - 1]  # the last class's logits stay zero, its gradient comes from the others
     largest, norms, powers = np.empty(block, np.float32), np.empty(block, np.float32), np.empty(block, np.int32)
     partial = np.zeros((n_classes - 1, _row_stride(width)), np.float32)
-    flushed = np.zeros((n_classes - 1, width))
-    grad_bias[:] = 0.0
+    sums[:] = 0.0
+    bias_sums[:] = 0.0
     total = 0.0
     for b in range(n_blocks):
         start = b * block
@@ -451,23 +474,35 @@ def softmax_loss_grad_transposed(blocks, labels, weights, bias, l2, grad_weights
         logits[:] = 0.0
         for f in range(0, width, 4):
             _grad_tiles(features_t, f, f + 1, f + 2, f + 3, shifted, f, free)
-        total += _softmax(logits, rows, shifted_bias, labels[start:], grad_bias, largest, norms, powers)
+        total += _softmax(logits, rows, shifted_bias, labels[start:], bias_sums, largest, norms, powers)
         logits[:, rows:] = 0.0  # padding rows
         for f in range(0, width, 4):
             _logits_tiles(features_t, f, f + 1, f + 2, f + 3, free, partial, f)
-        _flush(partial, flushed)  # float32 sums over at most a block's rows
-    return _finish(flushed, weights, bias, l2, n_samples, total, grad_weights, grad_bias)
+        _flush(partial, sums)  # float32 sums over at most a block's rows
+    return total
+
+
+@numba.njit(cache=True, nogil=True, fastmath=FASTMATH)
+def softmax_loss_grad_transposed(blocks, labels, weights, bias, l2, grad_weights, grad_bias):
+    """``softmax_loss_grad`` on features laid out by ``transpose_blocks``: ``softmax_sums_transposed``, then
+    ``finish``."""
+    n_classes = weights.shape[1]
+    width = blocks.shape[1]
+    shifted, shifted_bias = shifted_weights(weights, bias, width)
+    sums, bias_sums = np.empty((n_classes - 1, width)), np.empty(n_classes)
+    total = softmax_sums_transposed(blocks, labels, shifted, shifted_bias, sums, bias_sums)
+    return finish(sums, bias_sums, weights, l2, labels.shape[0], total, grad_weights, grad_bias)
 
 
 @numba.njit(cache=True, nogil=True, fastmath=FASTMATH)
 def softmax_loss(features, labels, weights, bias):
     """Mean cross-entropy of ``softmax(features @ weights + bias)`` alone, by ``softmax_loss_grad``'s logits
-    pass: the settled test's per-iteration validation loss, 3 to 5 times faster than numpy's thin product
+    pass: the settled test's validation loss, 3 to 5 times faster than numpy's thin product
     (500 x 3200, 10 classes: 0.78 ms for the product alone). Same arguments, no gradient."""
     n_samples, n_features = features.shape
     n_classes = weights.shape[1]
     block = max(4, min(1024, BLOCK_BYTES // (4 * n_features) // 4 * 4))
-    shifted, shifted_bias = _shifted(weights, bias, _row_stride(n_features))
+    shifted, shifted_bias = shifted_weights(weights, bias, n_features)
     logits = np.empty((n_classes, block), np.float32)
     largest, norms, powers = np.empty(block, np.float32), np.empty(block, np.float32), np.empty(block, np.int32)
     unused_grad_bias = np.zeros(n_classes)

@@ -61,12 +61,28 @@ def test_softmax_regression_reaches_the_objective_scipy_reaches(seed):
     np.testing.assert_allclose(ours.x, theirs.x, atol=1e-4)
 
 
+class _Dense:
+    """``lbfgs.Preconditioner`` for a dense ``M``: the projection is the vector itself."""
+
+    def __init__(self, matrix):
+        self.matrix = matrix
+
+    def project(self, vector):
+        return vector.copy()
+
+    def apply(self, vector, projected):
+        return self.matrix @ projected
+
+    def excess(self, projected):
+        return float(projected @ self.matrix @ projected - projected @ projected)
+
+
 def test_a_good_preconditioner_reaches_the_same_optimum_in_fewer_iterations():
     rng = np.random.default_rng(42)
     value_and_grad, matrix, _ = _quadratic(rng, 80, condition=1e3)
     inverse = np.linalg.inv(matrix + 0.1 * np.diag(np.diag(matrix)))  # close to the inverse Hessian, not equal
     plain = minimize(value_and_grad, np.zeros(80), gtol=1e-5, ftol=0.0)
-    guided = minimize(value_and_grad, np.zeros(80), precondition=lambda v: inverse @ v, gtol=1e-5, ftol=0.0)
+    guided = minimize(value_and_grad, np.zeros(80), precondition=_Dense(inverse), gtol=1e-5, ftol=0.0)
     assert plain.stop_reason == guided.stop_reason == "converged"
     np.testing.assert_allclose(guided.x, plain.x, atol=1e-4)
     assert guided.n_iter < plain.n_iter / 3, (guided.n_iter, plain.n_iter)
@@ -105,7 +121,8 @@ def test_steps_into_non_finite_losses_are_shortened():
 
 
 def test_the_spectral_guess_and_its_quadratic_match_the_dense_matrix():
-    """``M v`` and ``v'M v`` as L-BFGS takes them from the probe's preconditioner, against M built densely in float64."""
+    """``M v`` and ``v'M v`` as L-BFGS takes them from the probe's preconditioner, against M built densely in float64,
+    and ``M`` of a combination of vectors from the combination of their projections, as L-BFGS forms it."""
     from probecore.precondition import SpectralPreconditioner
     from probecore.probe import _InitialInverseHessian
 
@@ -116,12 +133,18 @@ def test_the_spectral_guess_and_its_quadratic_match_the_dense_matrix():
     guess = _InitialInverseHessian(l2, c, preconditioner)
     vectors = preconditioner.vectors.astype(np.float64)
     dense = np.eye(d) + (vectors * (preconditioner.scales(l2) - 1)) @ vectors.T
-    vector = rng.standard_normal(d * c + c)
-    weights = vector[: d * c].reshape(d, c)
-    expected = np.concatenate([(dense @ weights).ravel(), vector[d * c :]])
-    np.testing.assert_allclose(guess(vector), expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())
-    assert guess.quadratic(vector) == pytest.approx(vector @ expected, rel=1e-5)
-    assert guess.quadratic(vector) < vector @ vector  # M shrinks the top directions: a real change, not the identity
+
+    def expected(vector):
+        return np.concatenate([(dense @ vector[: d * c].reshape(d, c)).ravel(), vector[d * c :]])
+
+    vector, other = rng.standard_normal(d * c + c), rng.standard_normal(d * c + c)
+    tolerance = {"rtol": 1e-5, "atol": 1e-5 * np.abs(expected(vector)).max()}
+    np.testing.assert_allclose(guess.apply(vector, guess.project(vector)), expected(vector), **tolerance)
+    quadratic = vector @ vector + guess.excess(guess.project(vector))
+    assert quadratic == pytest.approx(vector @ expected(vector), rel=1e-5)
+    assert quadratic < vector @ vector  # M shrinks the top directions: a real change, not the identity
+    combined = guess.project(vector) - 0.3 * guess.project(other)
+    np.testing.assert_allclose(guess.apply(vector - 0.3 * other, combined), expected(vector - 0.3 * other), **tolerance)
 
 
 def test_a_line_search_below_the_loss_resolution_gives_up_at_once():

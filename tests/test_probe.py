@@ -277,3 +277,63 @@ def test_one_fit_spread_over_threads_in_row_chunks_gives_the_single_thread_probe
     ]
     assert probes[0].n_iter == probes[1].n_iter and probes[0].l2 == probes[1].l2
     np.testing.assert_array_equal(probes[0].weights, probes[1].weights)
+
+
+def test_the_validation_loss_is_computed_only_where_the_rule_looks_and_every_fit_stops_where_it_did_with_all(monkeypatch):
+    """The settled and look rules read the validation loss only once the objective has stopped falling over their
+    window (``probe._Watch``). Against the watch as it was, which computed it at every iteration from the
+    parameters themselves: the same iterations per strength and the same probe, for far fewer evaluations of
+    the validation split."""
+    from probecore import probe as fitter
+
+    lazy_watch = fitter._Watch
+
+    class EveryIteration(lazy_watch):
+        def __call__(self, params, objective):
+            self.valid_losses[len(self.objectives)] = self.loss.held_out_loss(params, self.features, self.labels)
+            return super().__call__(params, objective)
+
+    held_out, counted = fitter.SoftmaxLoss.held_out_loss, []
+    monkeypatch.setattr(fitter.SoftmaxLoss, "held_out_loss", lambda self, *a: counted.append(1) or held_out(self, *a))
+
+    def fit_counting(watch, problem):
+        counted.clear()
+        monkeypatch.setattr(fitter, "_Watch", watch)
+        return fit_probe(*problem[:2], 5, *problem[2:]), len(counted)
+
+    for seed in range(3):
+        problem = _path_problem(int(np.random.default_rng([18, seed]).integers(1000)), n=800, d=60, noise=1.5)
+        lazy, lazy_count = fit_counting(lazy_watch, problem)
+        every, every_count = fit_counting(EveryIteration, problem)
+        assert [(p.l2, p.n_iter, p.stop_reason) for p in lazy.path] == [(p.l2, p.n_iter, p.stop_reason) for p in every.path]
+        np.testing.assert_array_equal(lazy.weights, every.weights)
+        assert every_count >= lazy.n_iter and lazy_count < every_count / 2, (lazy_count, every_count)
+
+
+@pytest.mark.parametrize("kind", ["float32", "float64", "float16", "memmap"])
+def test_standardization_matches_float64_moments_whatever_the_features_are_stored_as(kind, tmp_path):
+    """One pass of float64 sums shifted by the first block's mean: accurate even where a feature's mean is ten
+    thousand times its spread; a constant feature keeps scale 1."""
+    from probecore.probe import STANDARDIZE_ROWS, _moments, _standardized
+
+    rng = np.random.default_rng([19, len(kind)])
+    n, d = 2 * STANDARDIZE_ROWS + 37, 50
+    spread = rng.uniform(0.01, 3, d)
+    values = rng.standard_normal((n, d)) * spread + spread * rng.choice([0, 1, 1e2, 1e4], d)
+    values[:, 3] = 7.25
+    if kind == "memmap":
+        features = np.lib.format.open_memmap(tmp_path / "features.npy", mode="w+", dtype=np.float32, shape=(n, d))
+        features[:] = values
+        features = np.load(tmp_path / "features.npy", mmap_mode="r")
+    else:
+        features = values.astype(kind)
+    exact = np.asarray(features, np.float64)
+    mean, scale = _moments(features)
+    expected_mean, expected_scale = exact.mean(axis=0), exact.std(axis=0)
+    expected_scale[expected_scale <= 1e-12] = 1.0  # column 3, and in float16 a few whose spread rounds away
+    assert (np.abs(mean - expected_mean) <= 1e-6 * (np.abs(expected_mean) + spread)).all()
+    np.testing.assert_allclose(scale, expected_scale, rtol=1e-5)
+    assert mean.dtype == scale.dtype == np.float32 and scale[3] == 1.0
+    standardized = _standardized(features, mean, scale)
+    assert standardized.dtype == np.float32 and standardized.flags.c_contiguous
+    np.testing.assert_allclose(standardized, (exact - mean) / scale, rtol=1e-5, atol=1e-5)
