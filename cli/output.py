@@ -20,7 +20,9 @@ DEBUG_VARIABLE = "PROBECORE_DEBUG"
 # Piped output is read by people too (logs, CI): give tables room instead of rich's 80-column default, unless
 # COLUMNS says how wide the reader is.
 console = Console() if sys.stdout.isatty() or os.environ.get("COLUMNS") else Console(width=160)
-error_console = Console(stderr=True, highlight=False, soft_wrap=True)
+# No emoji codes: a path such as a:smile:b stays as written, and printing an out-of-memory error does not import
+# rich's emoji table (a lazy import that itself failed for want of memory)
+error_console = Console(stderr=True, highlight=False, soft_wrap=True, emoji=False)
 
 
 @contextlib.contextmanager

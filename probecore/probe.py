@@ -262,9 +262,13 @@ def _moments(features) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _block(features, start: int) -> np.ndarray:
-    """Rows [start, start + STANDARDIZE_ROWS) as an array the kernels read: float32 or float64, as they are."""
+    """Rows [start, start + STANDARDIZE_ROWS) as the kernels read them: float32 or float64 as they are, and
+    read-only, so that features in memory and in the cache's read-only memory map share one compiled kernel (a
+    run that needed another would compile it then, under whatever memory it has left)."""
     rows = np.asarray(features[start : start + STANDARDIZE_ROWS])
-    return rows if rows.dtype in (np.float32, np.float64) else rows.astype(np.float32)
+    rows = rows.view() if rows.dtype in (np.float32, np.float64) else rows.astype(np.float32)
+    rows.flags.writeable = False
+    return rows
 
 
 def _identity(n_features: int) -> tuple[np.ndarray, np.ndarray]:

@@ -312,6 +312,14 @@ def test_unreadable_images_are_skipped_counted_and_listed(tmp_path):
     assert sorted(skipped) == sorted([str(folder / "a" / "0.jpg"), str(folder / "b" / "notes.png")])
 
 
+def test_an_error_line_prints_a_path_as_written(tmp_path):
+    """rich reads :smile: as an emoji code; the error console must not (it would name a file that is not there)."""
+    text = tmp_path / "data:smile:1.txt"
+    text.write_text("1,2\n3,4\n")
+    result = invoke("run", DEMO_MODEL, "--data", text, "--out", tmp_path / "results")
+    assert result.exit_code == 1 and result.stderr.startswith(f"error: {text} is a text file")
+
+
 def test_usage_errors_keep_typers_exit_code_2(tmp_path):
     result = invoke("run", DEMO_MODEL, "--batch-size", "0", "--data", tmp_path / "d.npz")
     assert result.exit_code == 2

@@ -337,3 +337,20 @@ def test_standardization_matches_float64_moments_whatever_the_features_are_store
     standardized = _standardized(features, mean, scale)
     assert standardized.dtype == np.float32 and standardized.flags.c_contiguous
     np.testing.assert_allclose(standardized, (exact - mean) / scale, rtol=1e-5, atol=1e-5)
+
+
+def test_features_in_memory_and_in_a_read_only_map_reach_the_same_compiled_kernels(tmp_path):
+    """The standardization kernels get read-only blocks either way, so a run that reads the cache's memory map
+    and one that holds its features in memory share one compiled kernel (the other would be compiled during the
+    run, under whatever memory the run has left)."""
+    from probecore import kernels
+    from probecore.probe import _moments, _standardized
+
+    values = np.random.default_rng(20).standard_normal((50, 8)).astype(np.float32)
+    np.save(tmp_path / "features.npy", values)
+    for features in (values, np.load(tmp_path / "features.npy", mmap_mode="r")):
+        _standardized(features, *_moments(features))
+    for kernel in (kernels.add_moments, kernels.standardize):
+        first_arguments = {str(signature[0]) for signature in kernel.signatures}
+        assert "readonly array(float32, 2d, C)" in first_arguments, first_arguments
+        assert "array(float32, 2d, C)" not in first_arguments, first_arguments
