@@ -104,12 +104,11 @@ def minimize(
             stored, gamma = 0, None
             direction = -(g if precondition is None else precondition.apply(g, projected))
             slope = float(direction @ g)
-        step, f_new, g_new, tries = _backtrack(value_and_grad, x, f, slope, direction, resolution)
+        step, x_new, f_new, g_new, tries = _backtrack(value_and_grad, x, f, slope, direction, resolution)
         n_eval += tries
         if g_new is None:
             reason = "at_resolution" if -step * slope <= resolution * abs(f) else "line_search_failed"
             return Result(x, f, iteration - 1, n_eval, reason)
-        x_new = x + step * direction
         s, y = x_new - x, g_new - g
         projected_new = None if precondition is None else precondition.project(g_new)
         curvature = float(s @ y)
@@ -133,13 +132,14 @@ def minimize(
 
 def _backtrack(value_and_grad, x, f, slope, direction, resolution):
     """The unit step, shortened until the Armijo condition holds and the loss is lower (a step that changes
-    nothing in float arithmetic is no progress), or until it is too short to tell (``resolution``): (step, f,
-    g, evaluations), g None on failure."""
+    nothing in float arithmetic is no progress), or until it is too short to tell (``resolution``): (step, the
+    point it reached, f, g, evaluations), g None on failure."""
     step = 1.0
     for tries in range(1, MAX_BACKTRACKS + 1):
-        f_new, g_new = value_and_grad(x + step * direction)
+        x_new = x + step * direction
+        f_new, g_new = value_and_grad(x_new)
         if f_new < f and f_new <= f + ARMIJO * step * slope:
-            return step, f_new, g_new, tries
+            return step, x_new, f_new, g_new, tries
         if -slope * step <= resolution * abs(f):  # too short to show a decrease: so are all shorter ones
             break
         if np.isfinite(f_new):  # the minimum of the quadratic through f, slope and f_new, kept in [0.1, 0.5] x step
@@ -147,7 +147,7 @@ def _backtrack(value_and_grad, x, f, slope, direction, resolution):
             step = min(max(-slope * step * step / (2 * curve), 0.1 * step), 0.5 * step) if curve > 0 else 0.5 * step
         else:
             step *= 0.1
-    return step, f, None, tries
+    return step, x, f, None, tries
 
 
 @numba.njit(cache=True, nogil=True, fastmath=True)

@@ -146,10 +146,9 @@ class SoftmaxLoss:
         chunk, and a task that starts late (its thread busy with another fit's chunks) finds the work done."""
         if self._parts is None:
             self._parts = np.empty((len(self._chunks), self._part_size()))
-        totals = np.empty(len(self._chunks))
         if len(self._chunks) == 1:
-            totals[0] = self._rows(*self._chunks[0], prepared, self._parts[0])
-            return float(totals[0])
+            return self._rows(*self._chunks[0], prepared, self._parts[0])
+        totals = np.empty(len(self._chunks))
         chunks, lock = iter(range(len(self._chunks))), threading.Lock()
 
         def work():

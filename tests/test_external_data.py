@@ -121,3 +121,9 @@ def test_torch_default_export_with_dynamic_axes_and_external_data(tmp_path, data
     assert gelu_layer["shape"] == [32, 16, 16] and gelu_layer["reduction"]["description"] == "avgpool 2x2"
     again = run(path, data, tmp_path / "r2")
     assert again["settings"]["source"]["bytes_fetched"] == 0 and again["settings"]["cache"]["splits_from_cache"] == 3
+    # the fits read the cache's read-only memory map above; held in memory instead, the same probes
+    held = run(path, data, tmp_path / "r3", "--no-cache")
+    assert [layer["name"] for layer in held["layers"]] == [layer["name"] for layer in first["layers"]]
+    for cached, in_memory in zip(first["layers"], held["layers"]):
+        assert in_memory["fit"]["iterations"] == cached["fit"]["iterations"]
+        assert in_memory["metrics"] == cached["metrics"]
